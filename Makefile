@@ -1,0 +1,43 @@
+# paybus — see README.md. Every target installs what it needs first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test check lint typecheck migrate bench chaos services clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml deploy/requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade "pip==25.3"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c deploy/requirements.lock -e '.[dev]'
+	@touch $(STAMP)
+
+services:
+	@./deploy/dev/ensure-services.sh
+
+migrate: install services
+	$(BIN)/paybus migrate
+
+run: install services
+	$(BIN)/paybus dev
+
+test: install services
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+bench: install services
+	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

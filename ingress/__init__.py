@@ -1,0 +1,1 @@
+"""paybus ingress: verify Stripe webhooks and publish them, confirmed, to RabbitMQ."""

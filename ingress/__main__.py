@@ -1,0 +1,35 @@
+"""Composition root of the ingress: settings, publisher, app, server."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from ingress.app import create_app
+from ingress.publisher import Publisher
+from shared.config import Settings
+
+log = logging.getLogger("paybus.ingress")
+
+
+def run(settings: Settings) -> None:
+    publisher = Publisher(settings.amqp_url, settings.publish_timeout)
+    app = create_app(settings, publisher)
+    log.info("ingress listening on http://%s:%d%s", settings.ingress_host, settings.ingress_port, settings.webhook_path if not settings.webhook_path_token else "/webhook/stripe/<token>")
+    # run_app stops accepting on SIGTERM/SIGINT and lets in-flight requests finish (shutdown_timeout).
+    web.run_app(
+        app,
+        host=settings.ingress_host,
+        port=settings.ingress_port,
+        shutdown_timeout=15,
+        print=None,
+        access_log=None,
+        handle_signals=True,
+    )
+
+
+if __name__ == "__main__":
+    from shared.cli import main
+
+    main(["ingress"])

@@ -1,0 +1,107 @@
+"""Confirmed, mandatory publishing to RabbitMQ over a connection that heals itself."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import aio_pika
+from pamqp.commands import Basic
+from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
+
+from shared.amqp import EVENTS_EXCHANGE, declare_topology
+
+log = logging.getLogger("paybus.ingress.publisher")
+
+
+class PublishFailed(Exception):
+    """The broker did not take responsibility for the message; the sender should retry later."""
+
+
+class Publisher:
+    """Publishes to one exchange with publisher confirms; connects (and reconnects) in the background."""
+
+    def __init__(self, url: str, timeout: float, exchange: str = EVENTS_EXCHANGE) -> None:
+        self._url = url
+        self._timeout = timeout
+        self._exchange_name = exchange
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._connector: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._connector = asyncio.create_task(self._connect_forever(), name="amqp-connect")
+
+    async def wait_connected(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                while not self.ready:
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _connect_forever(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                connection = await aio_pika.connect_robust(
+                    self._url, client_properties={"connection_name": "paybus-ingress"}, timeout=self._timeout
+                )
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                await declare_topology(channel)
+                self._exchange = await channel.get_exchange(self._exchange_name, ensure=False)
+                self._connection, self._channel = connection, channel
+                log.info("connected to RabbitMQ")
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker down or refusing: keep trying, /readyz says why
+                log.warning("RabbitMQ not reachable (%s); retrying in %.1fs", type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self._connection is not None
+            and not self._connection.is_closed
+            and self._channel is not None
+            and not self._channel.is_closed
+        )
+
+    async def publish(self, body: bytes, routing_key: str, *, type: str, headers: dict[str, Any]) -> None:
+        """Return only once the broker confirmed that a queue holds the message."""
+        if self._exchange is None or not self.ready:
+            raise PublishFailed("broker not connected")
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            type=type,
+            headers=headers,
+            # unique per publish: aio-pika correlates returns by message id, and Stripe may deliver the
+            # same event concurrently
+            message_id=uuid.uuid4().hex,
+        )
+        try:
+            confirmation = await self._exchange.publish(
+                message, routing_key=routing_key, mandatory=True, timeout=self._timeout
+            )
+        except Exception as exc:  # timeout, nack, return, closed channel: all mean "not durable"
+            raise PublishFailed(type(exc).__name__) from exc
+        if not isinstance(confirmation, Basic.Ack):
+            raise PublishFailed(f"broker answered {type(confirmation).__name__}")
+
+    async def close(self) -> None:
+        if self._connector is not None:
+            self._connector.cancel()
+            try:
+                await self._connector
+            except (asyncio.CancelledError, Exception):  # noqa: S110 - shutting down
+                pass
+        if self._connection is not None:
+            await self._connection.close()

@@ -1,0 +1,98 @@
+"""One Stripe event, one transaction: ledger row + effect, or nothing. Duplicates change nothing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+import msgspec
+import psycopg
+from psycopg import AsyncConnection
+
+from processor.context import Context
+from processor.errors import Reject
+from processor.events import Applied, Event, Handler, decode_event
+
+Result = Literal["applied", "ignored", "stale", "duplicate"]
+
+_INSERT: Final = """
+INSERT INTO stripe_events (id, type, created, livemode, account, api_version, object_id, payload, received_at)
+VALUES (%s, %s, to_timestamp(%s), %s, %s, %s, %s, %s::jsonb, COALESCE(%s::timestamptz, now()))
+ON CONFLICT (id) DO UPDATE SET outcome = NULL, processed_at = NULL
+ WHERE stripe_events.outcome = 'failed'
+"""
+# A dead-lettered event is recorded as `failed` so the audit log shows it; a later requeue or replay
+# may still apply it, which is why the insert above re-opens a `failed` row instead of skipping it.
+_RECORD_FAILED: Final = """
+INSERT INTO stripe_events (id, type, created, livemode, account, api_version, object_id, payload, outcome,
+                           processed_at)
+VALUES (%s, %s, to_timestamp(%s), %s, %s, %s, %s, %s::jsonb, 'failed', now())
+ON CONFLICT (id) DO UPDATE SET outcome = 'failed', processed_at = now()
+ WHERE stripe_events.outcome IS NULL OR stripe_events.outcome = 'failed'
+"""
+_FINISH: Final = "UPDATE stripe_events SET outcome = %s, user_id = %s, processed_at = now() WHERE id = %s"
+
+
+def parse_event(body: bytes) -> Event:
+    try:
+        return decode_event(body)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise Reject("poison", f"undecodable Stripe event: {str(exc)[:200]}") from None
+
+
+async def apply_event(
+    conn: AsyncConnection[Any],
+    body: bytes,
+    event: Event,
+    handlers: dict[str, Handler],
+    ctx: Context,
+    received_at: str | None = None,
+) -> Result:
+    """Insert the ledger row and apply the effect in the caller's transaction."""
+    try:
+        cur = await conn.execute(
+            _INSERT,
+            (
+                event.id,
+                event.type,
+                event.created,
+                event.livemode,
+                event.account,
+                event.api_version,
+                event.object_id,
+                body.decode("utf-8"),
+                received_at,
+            ),
+        )
+    except (psycopg.errors.DataError, psycopg.errors.UntranslatableCharacter, UnicodeDecodeError) as exc:
+        raise Reject("poison", f"event cannot be stored: {type(exc).__name__}") from None
+    if cur.rowcount == 0:
+        return "duplicate"
+    handler = handlers.get(event.type)
+    if handler is None:
+        applied = Applied("ignored")
+    else:
+        try:
+            async with conn.transaction():  # savepoint: a bad payload must not leave a half-applied effect
+                applied = await handler(conn, event, ctx)
+        except (msgspec.ValidationError, psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
+            raise Reject("invalid-payload", f"{event.type} payload rejected: {type(exc).__name__}") from None
+    await conn.execute(_FINISH, (applied.outcome, applied.user_id, event.id))
+    return applied.outcome
+
+
+async def record_failed(conn: AsyncConnection[Any], body: bytes, event: Event) -> None:
+    """Leave a `failed` ledger row for a dead-lettered event (best effort: the dead letter is the record)."""
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                _RECORD_FAILED,
+                (event.id, event.type, event.created, event.livemode, event.account, event.api_version,
+                 event.object_id, body.decode("utf-8")),
+            )
+    except (psycopg.errors.DataError, psycopg.errors.UntranslatableCharacter, UnicodeDecodeError):
+        pass
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()

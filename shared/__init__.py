@@ -1,0 +1,1 @@
+"""paybus shared package: configuration, message types, AMQP topology, database and CLI."""

@@ -1,0 +1,166 @@
+"""RabbitMQ names and topology (DESIGN §5), declared idempotently from this one description."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+import aio_pika
+import msgspec
+from aio_pika.abc import AbstractChannel
+
+EVENTS_EXCHANGE: Final = "stripe.events"
+EVENTS_QUEUE: Final = "paybus.stripe-events"
+REQUESTS_EXCHANGE: Final = "paybus.requests"
+REQUESTS_UNROUTED_EXCHANGE: Final = "paybus.requests.unrouted"
+REQUESTS_QUEUE: Final = "paybus.payment-requests"
+RETRY_EXCHANGE: Final = "paybus.retry"
+DEAD_LETTER_EXCHANGE: Final = "paybus.dead-letter"
+DEAD_LETTER_QUEUE: Final = "paybus.dead-letter"
+DOMAIN_EXCHANGE: Final = "paybus.events"
+
+REQUEST_KINDS: Final = (
+    "checkout_session.create",
+    "payment_intent.create",
+    "refund.create",
+    "portal_session.create",
+    "subscription.cancel",
+    "subscription.change",
+)
+
+# Broker-side safety net: a message that kills its consumer this many times is dead-lettered by
+# RabbitMQ itself (reason "delivery_limit") instead of crash-looping the processor forever.
+DELIVERY_LIMIT: Final = 20
+DEFAULT_RETRY_DELAYS_MS: Final = (1_000, 5_000, 30_000, 120_000, 600_000)
+
+
+class Exchange(msgspec.Struct, frozen=True):
+    name: str
+    type: str
+    arguments: dict[str, Any] = {}
+
+
+class Queue(msgspec.Struct, frozen=True):
+    name: str
+    arguments: dict[str, Any]
+
+
+class Binding(msgspec.Struct, frozen=True):
+    source: str
+    destination: str
+    routing_key: str
+
+
+class Topology(msgspec.Struct, frozen=True):
+    exchanges: tuple[Exchange, ...]
+    queues: tuple[Queue, ...]
+    bindings: tuple[Binding, ...]
+
+
+def retry_queue_name(work_queue: str, delay_ms: int) -> str:
+    """The delay queue holding messages of ``work_queue`` for ``delay_ms`` before they return."""
+    return f"paybus.retry.{work_queue.removeprefix('paybus.')}.{delay_ms}ms"
+
+
+def _work_queue_arguments() -> dict[str, Any]:
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        "x-delivery-limit": DELIVERY_LIMIT,
+    }
+
+
+def topology(retry_delays_ms: Sequence[int] = DEFAULT_RETRY_DELAYS_MS) -> Topology:
+    """Everything paybus declares; ``deploy/rabbitmq/definitions.json`` is this with the defaults."""
+    exchanges = [
+        Exchange(EVENTS_EXCHANGE, "topic"),
+        Exchange(REQUESTS_UNROUTED_EXCHANGE, "fanout"),
+        # Unknown request kinds still reach the processor (via the alternate exchange) and get an
+        # `invalid_request` reply instead of vanishing as unroutable.
+        Exchange(REQUESTS_EXCHANGE, "direct", {"alternate-exchange": REQUESTS_UNROUTED_EXCHANGE}),
+        Exchange(RETRY_EXCHANGE, "direct"),
+        Exchange(DEAD_LETTER_EXCHANGE, "fanout"),
+        Exchange(DOMAIN_EXCHANGE, "topic"),
+    ]
+    queues = [
+        Queue(EVENTS_QUEUE, _work_queue_arguments()),
+        Queue(REQUESTS_QUEUE, _work_queue_arguments()),
+        Queue(DEAD_LETTER_QUEUE, {"x-queue-type": "quorum"}),
+    ]
+    bindings = [
+        Binding(EVENTS_EXCHANGE, EVENTS_QUEUE, "#"),
+        *(Binding(REQUESTS_EXCHANGE, REQUESTS_QUEUE, kind) for kind in REQUEST_KINDS),
+        Binding(REQUESTS_UNROUTED_EXCHANGE, REQUESTS_QUEUE, ""),
+        Binding(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, ""),
+    ]
+    for work_queue in (EVENTS_QUEUE, REQUESTS_QUEUE):
+        for delay in retry_delays_ms:
+            name = retry_queue_name(work_queue, delay)
+            # A delay queue has no consumer: its TTL expires the message back to the work queue
+            # through the default exchange, so the original exchange and routing key are untouched.
+            queues.append(
+                Queue(
+                    name,
+                    {
+                        "x-queue-type": "quorum",
+                        "x-message-ttl": delay,
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": work_queue,
+                        "x-dead-letter-strategy": "at-least-once",
+                        "x-overflow": "reject-publish",
+                    },
+                )
+            )
+            bindings.append(Binding(RETRY_EXCHANGE, name, name))
+    return Topology(tuple(exchanges), tuple(queues), tuple(bindings))
+
+
+async def declare_topology(channel: AbstractChannel, topo: Topology | None = None) -> None:
+    """Declare every exchange, queue and binding; safe to run any number of times."""
+    topo = topo or topology()
+    exchanges = {}
+    for ex in topo.exchanges:
+        exchanges[ex.name] = await channel.declare_exchange(
+            ex.name, aio_pika.ExchangeType(ex.type), durable=True, arguments=ex.arguments or None
+        )
+    queues = {}
+    for q in topo.queues:
+        queues[q.name] = await channel.declare_queue(q.name, durable=True, arguments=q.arguments)
+    for b in topo.bindings:
+        await queues[b.destination].bind(exchanges[b.source], routing_key=b.routing_key)
+
+
+def definitions(topo: Topology | None = None, vhost: str = "/") -> dict[str, Any]:
+    """The topology in RabbitMQ's definitions format (``rabbitmqctl import_definitions``)."""
+    topo = topo or topology()
+    return {
+        "exchanges": [
+            {
+                "name": ex.name,
+                "vhost": vhost,
+                "type": ex.type,
+                "durable": True,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": ex.arguments,
+            }
+            for ex in topo.exchanges
+        ],
+        "queues": [
+            {"name": q.name, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": q.arguments}
+            for q in topo.queues
+        ],
+        "bindings": [
+            {
+                "source": b.source,
+                "vhost": vhost,
+                "destination": b.destination,
+                "destination_type": "queue",
+                "routing_key": b.routing_key,
+                "arguments": {},
+            }
+            for b in topo.bindings
+        ],
+    }
