@@ -16,7 +16,12 @@ log = logging.getLogger("paybus.ingress")
 def run(settings: Settings) -> None:
     publisher = Publisher(settings.amqp_url, settings.publish_timeout)
     app = create_app(settings, publisher)
-    log.info("ingress listening on http://%s:%d%s", settings.ingress_host, settings.ingress_port, settings.webhook_path if not settings.webhook_path_token else "/webhook/stripe/<token>")
+    log.info(
+        "ingress listening on http://%s:%d%s",
+        settings.ingress_host,
+        settings.ingress_port,
+        settings.webhook_path if not settings.webhook_path_token else "/webhook/stripe/<token>",
+    )
     # run_app stops accepting on SIGTERM/SIGINT and lets in-flight requests finish (shutdown_timeout).
     web.run_app(
         app,

@@ -24,7 +24,9 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "not ready", "reason": "broker channel closed"}, status=503)
 
 
-def create_app(settings: Settings, publisher: Publisher, clock: Callable[[], float] = time.time) -> web.Application:
+def create_app(
+    settings: Settings, publisher: Publisher, clock: Callable[[], float] = time.time
+) -> web.Application:
     app = web.Application(client_max_size=settings.ingress_max_body)
     app[PUBLISHER] = publisher
     view = make_webhook_view(settings, publisher, clock)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from typing import Any
 
 import aio_pika
-from pamqp.commands import Basic
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
+from pamqp.commands import Basic
 
 from shared.amqp import EVENTS_EXCHANGE, declare_topology
 
@@ -31,18 +32,18 @@ class Publisher:
         self._channel: AbstractRobustChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._connector: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
 
     async def start(self) -> None:
         self._connector = asyncio.create_task(self._connect_forever(), name="amqp-connect")
 
-    async def wait_connected(self, timeout: float) -> bool:
+    async def wait_connected(self, timeout: float) -> bool:  # noqa: ASYNC109 - a convenience for callers
         try:
             async with asyncio.timeout(timeout):
-                while not self.ready:
-                    await asyncio.sleep(0.05)
+                await self._connected.wait()
         except TimeoutError:
             return False
-        return True
+        return self.ready
 
     async def _connect_forever(self) -> None:
         delay = 0.5
@@ -55,6 +56,7 @@ class Publisher:
                 await declare_topology(channel)
                 self._exchange = await channel.get_exchange(self._exchange_name, ensure=False)
                 self._connection, self._channel = connection, channel
+                self._connected.set()
                 log.info("connected to RabbitMQ")
                 return
             except asyncio.CancelledError:
@@ -73,7 +75,9 @@ class Publisher:
             and not self._channel.is_closed
         )
 
-    async def publish(self, body: bytes, routing_key: str, *, type: str, headers: dict[str, Any]) -> None:
+    async def publish(
+        self, body: bytes, routing_key: str, *, message_type: str, headers: dict[str, Any]
+    ) -> None:
         """Return only once the broker confirmed that a queue holds the message."""
         if self._exchange is None or not self.ready:
             raise PublishFailed("broker not connected")
@@ -81,7 +85,7 @@ class Publisher:
             body,
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            type=type,
+            type=message_type,
             headers=headers,
             # unique per publish: aio-pika correlates returns by message id, and Stripe may deliver the
             # same event concurrently
@@ -99,9 +103,7 @@ class Publisher:
     async def close(self) -> None:
         if self._connector is not None:
             self._connector.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._connector
-            except (asyncio.CancelledError, Exception):  # noqa: S110 - shutting down
-                pass
         if self._connection is not None:
             await self._connection.close()

@@ -46,7 +46,9 @@ def make_webhook_view(
             log.info("webhook rejected: body is not a Stripe event")
             return _error(400, str(exc).split("\n", 1)[0][:200])
         if env.livemode != settings.stripe_livemode:
-            log.info("webhook rejected: livemode mismatch", extra={"event_id": env.id, "event_type": env.type})
+            log.info(
+                "webhook rejected: livemode mismatch", extra={"event_id": env.id, "event_type": env.type}
+            )
             return _error(400, "livemode does not match this endpoint")
         headers: dict[str, object] = {
             H_EVENT_ID: env.id,
@@ -56,10 +58,12 @@ def make_webhook_view(
         if env.account:
             headers[H_ACCOUNT] = env.account
         try:
-            await publisher.publish(body, routing_key=env.type, type=env.type, headers=headers)
+            await publisher.publish(body, routing_key=env.type, message_type=env.type, headers=headers)
         except PublishFailed as exc:
             log.warning(
-                "webhook not accepted: publish failed (%s)", exc, extra={"event_id": env.id, "event_type": env.type}
+                "webhook not accepted: publish failed (%s)",
+                exc,
+                extra={"event_id": env.id, "event_type": env.type},
             )
             return _error(503, "event bus unavailable; retry later")
         log.info("webhook accepted", extra={"event_id": env.id, "event_type": env.type})

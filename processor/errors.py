@@ -17,4 +17,4 @@ class Reject(Exception):
 
 
 class DatabaseUnavailable(Exception):
-    """Postgres cannot be reached: stop taking work until it is back (nothing acked, nothing dead-lettered)."""
+    """Postgres is unreachable: take no work until it is back (nothing acked, nothing dead-lettered)."""

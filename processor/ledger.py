@@ -87,8 +87,16 @@ async def record_failed(conn: AsyncConnection[Any], body: bytes, event: Event) -
         async with conn.transaction():
             await conn.execute(
                 _RECORD_FAILED,
-                (event.id, event.type, event.created, event.livemode, event.account, event.api_version,
-                 event.object_id, body.decode("utf-8")),
+                (
+                    event.id,
+                    event.type,
+                    event.created,
+                    event.livemode,
+                    event.account,
+                    event.api_version,
+                    event.object_id,
+                    body.decode("utf-8"),
+                ),
             )
     except (psycopg.errors.DataError, psycopg.errors.UntranslatableCharacter, UnicodeDecodeError):
         pass

@@ -23,7 +23,9 @@ from shared.config import Settings
 log = logging.getLogger("paybus.processor")
 
 
-async def _health_app(consumer: Consumer, connection: aio_pika.abc.AbstractRobustConnection) -> web.Application:
+async def _health_app(
+    consumer: Consumer, connection: aio_pika.abc.AbstractRobustConnection
+) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -47,7 +49,11 @@ async def serve(settings: Settings) -> None:
     catalog = load_catalog(settings.catalog_path)
     ctx = Context(catalog=catalog, grace=timedelta(days=settings.grace_days))
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        settings.database_url, min_size=2, max_size=max(4, min(settings.prefetch, 16)), open=False, timeout=5,
+        settings.database_url,
+        min_size=2,
+        max_size=max(4, min(settings.prefetch, 16)),
+        open=False,
+        timeout=5,
         kwargs={"autocommit": True},
     )
     await pool.open(wait=False)
@@ -73,7 +79,12 @@ async def serve(settings: Settings) -> None:
                 await conn.execute("SELECT 1")
 
         events = Consumer(
-            channel, EVENTS_QUEUE, EventPipeline(pool, handlers(), ctx), forwarder, db_check, settings.prefetch
+            channel,
+            EVENTS_QUEUE,
+            EventPipeline(pool, handlers(), ctx),
+            forwarder,
+            db_check,
+            settings.prefetch,
         )
         runner = web.AppRunner(await _health_app(events, connection), access_log=None)
         await runner.setup()

@@ -97,7 +97,10 @@ def cmd_send_event(args: argparse.Namespace) -> int:
     url = args.url or f"http://{settings.ingress_host}:{settings.ingress_port}{settings.webhook_path}"
     header = signature_header(body, settings.webhook_secrets[0], int(time.time()))
     request = urllib.request.Request(  # noqa: S310 - URL is the operator's own ingress
-        url, data=body, method="POST", headers={"Stripe-Signature": header, "Content-Type": "application/json"}
+        url,
+        data=body,
+        method="POST",
+        headers={"Stripe-Signature": header, "Content-Type": "application/json"},
     )
     try:
         with urllib.request.urlopen(request, timeout=15) as response:  # noqa: S310
@@ -107,7 +110,11 @@ def cmd_send_event(args: argparse.Namespace) -> int:
     except (urllib.error.URLError, OSError) as exc:
         print(f"paybus send-event: cannot reach the ingress at {url}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"status": status, "response": text, "event_id": envelope.get("id"), "type": envelope.get("type")}))
+    print(
+        json.dumps(
+            {"status": status, "response": text, "event_id": envelope.get("id"), "type": envelope.get("type")}
+        )
+    )
     return 0 if 200 <= status < 300 else 1
 
 
@@ -157,8 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--list", action="store_true", help="list migrations and whether each is applied")
     migrate.set_defaults(func=cmd_migrate)
 
-    send = sub.add_parser("send-event", help="sign a sample event (or a JSON file) and POST it to the ingress")
-    send.add_argument("event", metavar="TYPE|FILE", help="event type such as payment_intent.succeeded, or a file")
+    send = sub.add_parser(
+        "send-event", help="sign a sample event (or a JSON file) and POST it to the ingress"
+    )
+    send.add_argument(
+        "event", metavar="TYPE|FILE", help="event type such as payment_intent.succeeded, or a file"
+    )
     send.add_argument("--url", help="webhook URL (default: from INGRESS_HOST/PORT and WEBHOOK_PATH_TOKEN)")
     send.add_argument("--user", help="user UUID to put in metadata.user_id (default: a new one)")
     send.set_defaults(func=cmd_send_event)

@@ -121,7 +121,9 @@ def _secrets(raw: str) -> tuple[str, ...]:
 
 def _token(raw: str) -> str:
     value = raw.strip()
-    if value and (not value.isascii() or "/" in value or not value.replace("-", "").replace("_", "").isalnum()):
+    if value and (
+        not value.isascii() or "/" in value or not value.replace("-", "").replace("_", "").isalnum()
+    ):
         raise Invalid("may contain only letters, digits, - and _")
     return value
 

@@ -57,8 +57,14 @@ def new_id(prefix: str) -> str:
 
 
 def payment_intent(
-    *, intent_id: str | None = None, amount: int = 49900, currency: str = "inr", user_id: str | None = None,
-    status: str = "requires_payment_method", product: str | None = None, customer: str | None = None,
+    *,
+    intent_id: str | None = None,
+    amount: int = 49900,
+    currency: str = "inr",
+    user_id: str | None = None,
+    status: str = "requires_payment_method",
+    product: str | None = None,
+    customer: str | None = None,
 ) -> dict[str, Any]:
     obj = fixture("payment_intent")
     obj_id = intent_id or new_id("pi")
@@ -68,9 +74,17 @@ def payment_intent(
     if product:
         metadata["product"] = product
     obj.update(
-        id=obj_id, amount=amount, currency=currency, status=status, metadata=metadata, customer=customer,
-        client_secret=f"{obj_id}_secret_{uuid.uuid4().hex[:24]}", created=int(time.time()),
-        last_payment_error=None, next_action=None, canceled_at=None,
+        id=obj_id,
+        amount=amount,
+        currency=currency,
+        status=status,
+        metadata=metadata,
+        customer=customer,
+        client_secret=f"{obj_id}_secret_{uuid.uuid4().hex[:24]}",
+        created=int(time.time()),
+        last_payment_error=None,
+        next_action=None,
+        canceled_at=None,
     )
     if status == "succeeded":
         obj["amount_received"] = amount
@@ -84,26 +98,42 @@ def payment_intent(
 
 
 def event(
-    event_type: str, obj: dict[str, Any], *, created: int | None = None, event_id: str | None = None,
-    livemode: bool = False, api_version: str = API_VERSION,
+    event_type: str,
+    obj: dict[str, Any],
+    *,
+    created: int | None = None,
+    event_id: str | None = None,
+    livemode: bool = False,
+    api_version: str = API_VERSION,
 ) -> dict[str, Any]:
     """A snapshot event envelope around ``obj``, shaped like Stripe's `event` fixture."""
     envelope = fixture("event")
     envelope.update(
-        id=event_id or new_id("evt"), type=event_type, created=created or int(time.time()), livemode=livemode,
-        api_version=api_version, data={"object": obj}, pending_webhooks=1,
+        id=event_id or new_id("evt"),
+        type=event_type,
+        created=created or int(time.time()),
+        livemode=livemode,
+        api_version=api_version,
+        data={"object": obj},
+        pending_webhooks=1,
         request={"id": new_id("req"), "idempotency_key": str(uuid.uuid4())},
     )
     return envelope
 
 
-def sample_event(event_type: str, *, user_id: str | None = None, created: int | None = None) -> dict[str, Any]:
+def sample_event(
+    event_type: str, *, user_id: str | None = None, created: int | None = None
+) -> dict[str, Any]:
     """A realistic event of ``event_type``; payment_intent.* get a consistent status and a user."""
     user_id = user_id or str(uuid.uuid4())
     if event_type in _PI_STATUS:
         obj = payment_intent(user_id=user_id, status=_PI_STATUS[event_type])
         if event_type == "payment_intent.payment_failed":
-            obj["last_payment_error"] = {"type": "card_error", "code": "card_declined", "decline_code": "generic_decline"}
+            obj["last_payment_error"] = {
+                "type": "card_error",
+                "code": "card_declined",
+                "decline_code": "generic_decline",
+            }
         return event(event_type, obj, created=created)
     obj = fixture(resource_for(event_type))
     obj["id"] = new_id(str(obj.get("id", "obj")).split("_", 1)[0])

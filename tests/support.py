@@ -55,7 +55,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def wait_for(check: Callable[[], Awaitable[T]], timeout: float = 15.0, interval: float = 0.05) -> T:
+async def wait_for(
+    check: Callable[[], Awaitable[T]],
+    timeout: float = 15.0,  # noqa: ASYNC109 - a polling helper, not an I/O call
+    interval: float = 0.05,
+) -> T:
     """Poll ``check`` until it returns a truthy value; fail with the last value after ``timeout``."""
     deadline = time.monotonic() + timeout
     last: T = await check()
@@ -86,7 +90,9 @@ async def queue_depth(amqp_url: str, queue: str) -> int:
         return int(declared.declaration_result.message_count or 0)
 
 
-def signed(envelope: Mapping[str, Any] | bytes, secret: str = TEST_SECRET, timestamp: int | None = None) -> tuple[bytes, dict[str, str]]:
+def signed(
+    envelope: Mapping[str, Any] | bytes, secret: str = TEST_SECRET, timestamp: int | None = None
+) -> tuple[bytes, dict[str, str]]:
     body = envelope if isinstance(envelope, bytes) else samples.encode(dict(envelope))
     header = signature_header(body, secret, timestamp or int(time.time()))
     return body, {"Stripe-Signature": header, "Content-Type": "application/json"}
@@ -104,7 +110,9 @@ class Service:
     def start(self) -> Service:
         paybus = Path(sys.executable).parent / "paybus"
         self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([str(paybus), self.name], env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [str(paybus), self.name], env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+        )
         return self
 
     def wait_ready(self, url: str, timeout: float = 20.0) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal, TypeVar
 
@@ -29,7 +30,7 @@ class Event(msgspec.Struct, frozen=True):
     api_version: str | None = None
     account: str | None = None
 
-    def object(self, kind: type[T]) -> T:
+    def object(self, kind: builtins.type[T]) -> T:
         return msgspec.convert(self.data.object, kind, strict=False)
 
     @property

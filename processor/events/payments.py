@@ -72,7 +72,9 @@ ON CONFLICT (stripe_payment_intent_id) DO UPDATE
        status_rank = EXCLUDED.status_rank,
        updated_at = now()
  WHERE (EXCLUDED.status IN ('succeeded', 'canceled'), EXCLUDED.status_event_created, EXCLUDED.status_rank)
-     > (p.status IN ('succeeded', 'canceled'), COALESCE(p.status_event_created, -1), COALESCE(p.status_rank, -1))
+     > (p.status IN ('succeeded', 'canceled'),
+        COALESCE(p.status_event_created, -1),
+        COALESCE(p.status_rank, -1))
 RETURNING p.id
 """
 
@@ -95,7 +97,9 @@ async def on_payment_intent(conn: AsyncConnection[Any], event: Event, ctx: Conte
         "amount": intent.amount,
         "currency": intent.currency.lower(),
         "status": status,
-        "product": intent.metadata.get("product") if isinstance(intent.metadata.get("product"), str) else None,
+        "product": intent.metadata.get("product")
+        if isinstance(intent.metadata.get("product"), str)
+        else None,
         "error": (error.decline_code or error.code or error.type) if error and status == "failed" else None,
         "metadata": Jsonb(intent.metadata),
         "created": event.created,

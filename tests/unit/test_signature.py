@@ -22,7 +22,9 @@ def test_accepts_a_header_made_by_the_stripe_sdk() -> None:
 
 def test_our_signature_passes_the_stripe_sdk_check() -> None:
     now = int(time.time())
-    assert stripe.WebhookSignature.verify_header(BODY, signature_header(BODY, SECRET, now), SECRET, tolerance=300)
+    assert stripe.WebhookSignature.verify_header(
+        BODY, signature_header(BODY, SECRET, now), SECRET, tolerance=300
+    )
 
 
 def test_any_configured_secret_may_match() -> None:
