@@ -5,17 +5,21 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
+from opentelemetry import trace
 
 from ingress.app import create_app
 from ingress.publisher import Publisher
 from shared.config import Settings
+from shared.telemetry import setup_tracing, shutdown_tracing
 
 log = logging.getLogger("paybus.ingress")
 
 
 def run(settings: Settings) -> None:
+    provider = setup_tracing("ingress")
+    trace.set_tracer_provider(provider)
     publisher = Publisher(settings.amqp_url, settings.publish_timeout)
-    app = create_app(settings, publisher)
+    app = create_app(settings, publisher, tracer=provider.get_tracer("paybus.ingress"))
     log.info(
         "ingress listening on http://%s:%d%s",
         settings.ingress_host,
@@ -32,6 +36,7 @@ def run(settings: Settings) -> None:
         access_log=None,
         handle_signals=True,
     )
+    shutdown_tracing(provider)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ TOLERANCE_SECONDS: Final = 300
 class BadSignature(Exception):
     """The request is not signed by any configured secret; the message is safe to show the sender."""
 
+    def __init__(self, message: str, *, stale: bool = False) -> None:
+        super().__init__(message)
+        self.stale = stale
+
 
 def sign(body: bytes, secret: str, timestamp: int) -> str:
     """The v1 signature Stripe would send for ``body`` at ``timestamp``."""
@@ -63,5 +67,5 @@ def verify(
     if not matched:
         raise BadSignature("no v1 signature matches")
     if timestamp < now - tolerance:
-        raise BadSignature("timestamp outside the tolerance")
+        raise BadSignature("timestamp outside the tolerance", stale=True)
     return timestamp

@@ -20,6 +20,7 @@ from pamqp.commands import Basic
 
 from processor.errors import DatabaseUnavailable, Reject, Retry
 from shared.amqp import DEAD_LETTER_EXCHANGE, RETRY_EXCHANGE, retry_queue_name
+from shared.telemetry import ProcessorMetrics
 
 log = logging.getLogger("paybus.processor")
 
@@ -52,7 +53,14 @@ def _text(value: Any) -> str | None:
 class Forwarder:
     """Confirmed publishes of failed messages to the retry queues or the dead letters."""
 
-    def __init__(self, channel: AbstractChannel, queue_name: str, delays_ms: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        queue_name: str,
+        delays_ms: tuple[int, ...],
+        metrics: ProcessorMetrics | None = None,
+    ) -> None:
+        self._metrics = metrics or ProcessorMetrics()
         self._channel = channel
         self._queue_name = queue_name
         self._delays = delays_ms
@@ -94,9 +102,11 @@ class Forwarder:
         if attempts > len(self._delays):
             headers[H_REASON] = "retries-exhausted"
             await self._publish(self._dead, self._copy(message, headers), "")
+            self._metrics.dead_letters.labels(self._queue_name, "retries-exhausted").inc()
             return "dead-lettered"
         key = retry_queue_name(self._queue_name, self._delays[attempts - 1])
         await self._publish(self._retry, self._copy(message, headers), key)
+        self._metrics.retries.labels(self._queue_name).inc()
         return "retry"
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: str, error: str) -> None:
@@ -104,6 +114,7 @@ class Forwarder:
         headers[H_REASON] = reason
         headers[H_ATTEMPTS] = int(_header(message, H_ATTEMPTS) or 0) + 1
         await self._publish(self._dead, self._copy(message, headers), "")
+        self._metrics.dead_letters.labels(self._queue_name, reason).inc()
 
     async def _publish(self, exchange: AbstractExchange | None, message: aio_pika.Message, key: str) -> None:
         assert exchange is not None, "Forwarder.open() not called"

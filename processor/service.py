@@ -1,15 +1,19 @@
-"""Composition root of the processor: pool, channel, topology, consumers, health endpoint."""
+"""Composition root of the processor: pool, channel, topology, consumers, health and metrics endpoint."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from datetime import timedelta
 from typing import Any
 
 import aio_pika
+from aio_pika.abc import AbstractChannel
 from aiohttp import web
+from opentelemetry import trace
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
 from processor.catalog import load_catalog
@@ -17,14 +21,15 @@ from processor.consumer import Consumer, Forwarder
 from processor.context import Context
 from processor.events import handlers
 from processor.pipeline import EventPipeline
-from shared.amqp import EVENTS_QUEUE, declare_topology
+from shared.amqp import DEAD_LETTER_QUEUE, EVENTS_QUEUE, REQUESTS_QUEUE, declare_topology
 from shared.config import Settings
+from shared.telemetry import ProcessorMetrics, setup_tracing, shutdown_tracing
 
 log = logging.getLogger("paybus.processor")
 
 
-async def _health_app(
-    consumer: Consumer, connection: aio_pika.abc.AbstractRobustConnection
+def _health_app(
+    consumer: Consumer, connection: aio_pika.abc.AbstractRobustConnection, metrics: ProcessorMetrics
 ) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -39,15 +44,36 @@ async def _health_app(
             return web.json_response({"status": "not ready", "reasons": problems}, status=503)
         return web.json_response({"status": "ready"})
 
+    async def metrics_view(request: web.Request) -> web.Response:
+        metrics.database_up.set(1 if consumer.db_ready.is_set() else 0)
+        return web.Response(
+            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
     return app
+
+
+async def _watch_queues(channel: AbstractChannel, metrics: ProcessorMetrics, every: float = 10.0) -> None:
+    """Queue depths for /metrics: one passive declare per queue every few seconds, cheap for the broker."""
+    while True:
+        for name in (EVENTS_QUEUE, REQUESTS_QUEUE, DEAD_LETTER_QUEUE):
+            with contextlib.suppress(Exception):
+                declared = await channel.declare_queue(name, passive=True)
+                metrics.queue_depth.labels(name).set(declared.declaration_result.message_count or 0)
+        await asyncio.sleep(every)
 
 
 async def serve(settings: Settings) -> None:
     catalog = load_catalog(settings.catalog_path)
     ctx = Context(catalog=catalog, grace=timedelta(days=settings.grace_days))
+    provider = setup_tracing("processor")
+    trace.set_tracer_provider(provider)
+    tracer = provider.get_tracer("paybus.processor")
+    metrics = ProcessorMetrics()
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         settings.database_url,
         min_size=2,
@@ -65,31 +91,26 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner: web.AppRunner | None = None
+    background: list[asyncio.Task[None]] = []
     try:
         setup = await connection.channel()
         await declare_topology(setup)
-        await setup.close()
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=settings.prefetch)
-        forwarder = Forwarder(channel, EVENTS_QUEUE, settings.retry_delays_ms)
+        forwarder = Forwarder(channel, EVENTS_QUEUE, settings.retry_delays_ms, metrics)
         await forwarder.open()
 
         async def db_check() -> None:
             async with pool.connection(timeout=2) as conn:
                 await conn.execute("SELECT 1")
 
-        events = Consumer(
-            channel,
-            EVENTS_QUEUE,
-            EventPipeline(pool, handlers(), ctx),
-            forwarder,
-            db_check,
-            settings.prefetch,
-        )
-        runner = web.AppRunner(await _health_app(events, connection), access_log=None)
+        pipeline = EventPipeline(pool, handlers(), ctx, metrics, tracer)
+        events = Consumer(channel, EVENTS_QUEUE, pipeline, forwarder, db_check, settings.prefetch)
+        runner = web.AppRunner(_health_app(events, connection, metrics), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, settings.ingress_host, settings.metrics_port).start()
-        log.info("processor consuming %s; health on :%d", EVENTS_QUEUE, settings.metrics_port)
+        log.info("processor consuming %s; health and metrics on :%d", EVENTS_QUEUE, settings.metrics_port)
+        background.append(asyncio.create_task(_watch_queues(setup, metrics)))
         consuming = asyncio.create_task(events.run())
         stopped = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({consuming, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -99,10 +120,13 @@ async def serve(settings: Settings) -> None:
         await events.stop()
         consuming.cancel()
     finally:
+        for task in background:
+            task.cancel()
         if runner is not None:
             await runner.cleanup()
         await connection.close()
         await pool.close()
+        shutdown_tracing(provider)
 
 
 def run(settings: Settings) -> None:

@@ -9,6 +9,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from shared.telemetry import current_ids
+
 _REDACTIONS: Final = (
     (re.compile(r"whsec_[A-Za-z0-9_]+"), "whsec_[REDACTED]"),
     (re.compile(r"(sk|rk)_(test|live)_[A-Za-z0-9_]+"), r"\1_\2_[REDACTED]"),
@@ -34,6 +36,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": redact(record.getMessage()),
         }
+        ids = current_ids()
+        if ids is not None:
+            entry["trace_id"], entry["span_id"] = ids
         for name in _EXTRA_FIELDS:
             value = getattr(record, name, None)
             if value is not None:
