@@ -17,7 +17,8 @@ from processor.consumer import Consumer, Forwarder
 from processor.context import Context
 from processor.events import handlers
 from processor.pipeline import EventPipeline
-from shared.amqp import EVENTS_QUEUE, declare_topology
+from processor.requests.runner import RequestService, open_request_service
+from shared.amqp import EVENTS_QUEUE, REQUESTS_QUEUE, declare_topology
 from shared.config import Settings
 
 log = logging.getLogger("paybus.processor")
@@ -59,6 +60,7 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner: web.AppRunner | None = None
+    requests: RequestService | None = None
     try:
         setup = await connection.channel()
         await declare_topology(setup)
@@ -75,21 +77,27 @@ async def serve(settings: Settings) -> None:
         events = Consumer(
             channel, EVENTS_QUEUE, EventPipeline(pool, handlers(), ctx), forwarder, db_check, settings.prefetch
         )
+        requests = await open_request_service(settings, connection, catalog)
         runner = web.AppRunner(await _health_app(events, connection), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, settings.ingress_host, settings.metrics_port).start()
-        log.info("processor consuming %s; health on :%d", EVENTS_QUEUE, settings.metrics_port)
+        log.info("processor consuming %s, %s; health on :%d", EVENTS_QUEUE, REQUESTS_QUEUE,
+                 settings.metrics_port)
         consuming = asyncio.create_task(events.run())
+        answering = asyncio.create_task(requests.consumer.run())
         stopped = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({consuming, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if consuming in done:
-            consuming.result()  # surface the crash
+        done, _ = await asyncio.wait({consuming, answering, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done & {consuming, answering}:
+            task.result()  # surface the crash
         log.info("processor stopping: finishing in-flight messages")
-        await events.stop()
+        await asyncio.gather(events.stop(), requests.consumer.stop())
         consuming.cancel()
+        answering.cancel()
     finally:
         if runner is not None:
             await runner.cleanup()
+        if requests is not None:
+            await requests.close()
         await connection.close()
         await pool.close()
 
