@@ -18,7 +18,7 @@ from processor.context import Context
 from processor.events import handlers
 from processor.pipeline import EventPipeline
 from processor.requests.runner import RequestService, open_request_service
-from shared.amqp import EVENTS_QUEUE, REQUESTS_QUEUE, declare_topology
+from shared.amqp import EVENTS_QUEUE, REQUESTS_QUEUE, declare_topology, topology
 from shared.config import Settings
 
 log = logging.getLogger("paybus.processor")
@@ -63,7 +63,7 @@ async def serve(settings: Settings) -> None:
     requests: RequestService | None = None
     try:
         setup = await connection.channel()
-        await declare_topology(setup)
+        await declare_topology(setup, topology(settings.retry_delays_ms))
         await setup.close()
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=settings.prefetch)

@@ -44,6 +44,7 @@ from shared.messages import (
 
 DEFAULT_TIMEOUT: Final = 30.0
 R = TypeVar("R", bound=msgspec.Struct)
+Seconds = float | None
 
 
 class PaymentRequestError(Exception):
@@ -227,20 +228,40 @@ class PaymentsClient:
         assert result_type is RESULT_OF[kind_of(request)]
         return msgspec.convert(reply.result, result_type)
 
-    async def create_checkout_session(self, **fields: Any) -> CheckoutSessionResult:
-        return await self.call(_build(fields, CheckoutSessionCreate), CheckoutSessionResult)
+    async def create_checkout_session(
+        self, *, reply_timeout: Seconds = None, **fields: Any
+    ) -> CheckoutSessionResult:
+        return await self.call(
+            _build(fields, CheckoutSessionCreate), CheckoutSessionResult, reply_timeout=reply_timeout
+        )
 
-    async def create_payment_intent(self, **fields: Any) -> PaymentIntentResult:
-        return await self.call(_build(fields, PaymentIntentCreate), PaymentIntentResult)
+    async def create_payment_intent(
+        self, *, reply_timeout: Seconds = None, **fields: Any
+    ) -> PaymentIntentResult:
+        return await self.call(
+            _build(fields, PaymentIntentCreate), PaymentIntentResult, reply_timeout=reply_timeout
+        )
 
-    async def create_refund(self, **fields: Any) -> RefundResult:
-        return await self.call(_build(fields, RefundCreate), RefundResult)
+    async def create_refund(self, *, reply_timeout: Seconds = None, **fields: Any) -> RefundResult:
+        return await self.call(_build(fields, RefundCreate), RefundResult, reply_timeout=reply_timeout)
 
-    async def create_portal_session(self, **fields: Any) -> PortalSessionResult:
-        return await self.call(_build(fields, PortalSessionCreate), PortalSessionResult)
+    async def create_portal_session(
+        self, *, reply_timeout: Seconds = None, **fields: Any
+    ) -> PortalSessionResult:
+        return await self.call(
+            _build(fields, PortalSessionCreate), PortalSessionResult, reply_timeout=reply_timeout
+        )
 
-    async def cancel_subscription(self, **fields: Any) -> SubscriptionResult:
-        return await self.call(_build(fields, SubscriptionCancel), SubscriptionResult)
+    async def cancel_subscription(
+        self, *, reply_timeout: Seconds = None, **fields: Any
+    ) -> SubscriptionResult:
+        return await self.call(
+            _build(fields, SubscriptionCancel), SubscriptionResult, reply_timeout=reply_timeout
+        )
 
-    async def change_subscription(self, **fields: Any) -> SubscriptionResult:
-        return await self.call(_build(fields, SubscriptionChange), SubscriptionResult)
+    async def change_subscription(
+        self, *, reply_timeout: Seconds = None, **fields: Any
+    ) -> SubscriptionResult:
+        return await self.call(
+            _build(fields, SubscriptionChange), SubscriptionResult, reply_timeout=reply_timeout
+        )

@@ -1,4 +1,7 @@
-"""Test harness for payment requests: fixtures for the fake Stripe and an in-process request processor."""
+"""Test harness for payment requests: the fake Stripe fixture and an in-process request processor.
+
+Test modules import the fixtures by their function names (`fake_stripe_fixture`...); tests use `fake_stripe`.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ from tests.conftest import env_for
 from tests.fakes.stripe_fake import FakeStripe
 
 
-@pytest.fixture(scope="module")
-def fake_stripe() -> Iterator[FakeStripe]:
+@pytest.fixture(scope="module", name="fake_stripe")
+def fake_stripe_fixture() -> Iterator[FakeStripe]:
     fake = FakeStripe().start()
     yield fake
     fake.stop()
@@ -30,16 +33,29 @@ def fake_stripe() -> Iterator[FakeStripe]:
 
 def request_settings(database: str, amqp: str, stripe_url: str, **extra: str) -> Settings:
     return load_settings(
-        env_for(database, amqp, STRIPE_API_BASE=stripe_url, STRIPE_SECRET_KEY="sk_test_paybus_suite",
-                STRIPE_PUBLISHABLE_KEY="pk_test_paybus_suite", STRIPE_API_VERSION="2026-10-28.endive", **extra)
+        env_for(
+            database,
+            amqp,
+            STRIPE_API_BASE=stripe_url,
+            STRIPE_SECRET_KEY="sk_test_paybus_suite",
+            STRIPE_PUBLISHABLE_KEY="pk_test_paybus_suite",
+            STRIPE_API_VERSION="2026-10-28.endive",
+            **extra,
+        )
     )
 
 
 class InProcess:
     """A RequestProcessor wired to the session database, a vhost and the fake Stripe, without a consumer."""
 
-    def __init__(self, processor: RequestProcessor, settings: Settings, pool: AsyncConnectionPool[Any],
-                 channel: Any, deps: Deps) -> None:
+    def __init__(
+        self,
+        processor: RequestProcessor,
+        settings: Settings,
+        pool: AsyncConnectionPool[Any],
+        channel: Any,
+        deps: Deps,
+    ) -> None:
         self.processor = processor
         self.settings = settings
         self.pool = pool
@@ -58,8 +74,8 @@ class InProcess:
         return dict(msgspec.to_builtins(reply))
 
 
-@pytest.fixture
-async def in_process(database: str, vhost: str, fake_stripe: FakeStripe) -> AsyncIterator[InProcess]:
+@pytest.fixture(name="in_process")
+async def in_process_fixture(database: str, vhost: str, fake_stripe: FakeStripe) -> AsyncIterator[InProcess]:
     settings = request_settings(database, vhost, fake_stripe.url)
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         database, min_size=1, max_size=24, open=False, kwargs={"autocommit": True}
@@ -70,7 +86,9 @@ async def in_process(database: str, vhost: str, fake_stripe: FakeStripe) -> Asyn
     stripe = StripeApi.from_settings(settings)
     deps = Deps(stripe=stripe, catalog=load_catalog(settings.catalog_path), settings=settings)
     try:
-        yield InProcess(RequestProcessor(pool, channel, deps, settings.retry_delays_ms), settings, pool, channel, deps)
+        yield InProcess(
+            RequestProcessor(pool, channel, deps, settings.retry_delays_ms), settings, pool, channel, deps
+        )
     finally:
         await stripe.close()
         await connection.close()

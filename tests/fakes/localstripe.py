@@ -1,4 +1,4 @@
-"""localstripe (GPL, a separate process: never imported) started for a test session, plus its webhook config."""
+"""localstripe (GPL: a separate process, never imported) started for the tests, and its webhook config."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def running_localstripe(log_path: Path) -> Iterator[str]:
     executable = Path(sys.executable).parent / "localstripe"
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [str(executable), "--port", str(port), "--from-scratch"], stdout=log, stderr=subprocess.STDOUT,
+            [str(executable), "--port", str(port), "--from-scratch"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
             cwd=log_path.parent,
         )
         try:

@@ -1,4 +1,4 @@
-"""A small fake Stripe API for what localstripe lacks: Checkout Sessions, billing portal, prices, subscriptions.
+"""A small fake Stripe API for what localstripe lacks: Checkout Sessions, billing portal, prices, subs.
 
 It runs in a background thread (so tests may block while paybus processes call it), honours
 `Idempotency-Key` the way Stripe does (same key + same params -> the stored response; other params ->
@@ -19,8 +19,16 @@ from aiohttp import web
 
 # Catalog price ids (catalog.toml) and what they cost.
 PRICES: dict[str, dict[str, Any]] = {
-    "price_1PgafmB7WZ01zgkW6dKueIc5": {"unit_amount": 49900, "currency": "inr", "recurring": {"interval": "month"}},
-    "price_1TeamMonthly00000000001": {"unit_amount": 149900, "currency": "inr", "recurring": {"interval": "month"}},
+    "price_1PgafmB7WZ01zgkW6dKueIc5": {
+        "unit_amount": 49900,
+        "currency": "inr",
+        "recurring": {"interval": "month"},
+    },
+    "price_1TeamMonthly00000000001": {
+        "unit_amount": 149900,
+        "currency": "inr",
+        "recurring": {"interval": "month"},
+    },
     "price_1CourseBundle000000000001": {"unit_amount": 299900, "currency": "inr", "recurring": None},
     "price_1LifetimeReports00000001": {"unit_amount": 999900, "currency": "inr", "recurring": None},
 }
@@ -52,7 +60,9 @@ def _id(prefix: str) -> str:
 
 
 class Call:
-    def __init__(self, method: str, path: str, key: str | None, params: dict[str, Any], version: str | None) -> None:
+    def __init__(
+        self, method: str, path: str, key: str | None, params: dict[str, Any], version: str | None
+    ) -> None:
         self.method, self.path, self.key, self.params, self.version = method, path, key, params, version
 
 
@@ -91,12 +101,26 @@ class FakeStripe:
         sub_id = _id("sub")
         now = int(time.time())
         sub = {
-            "id": sub_id, "object": "subscription", "customer": customer, "status": status,
-            "cancel_at_period_end": False, "canceled_at": None, "metadata": {},
-            "items": {"object": "list", "data": [
-                {"id": _id("si"), "object": "subscription_item", "price": {"id": price_id, **PRICES[price_id]},
-                 "quantity": 1, "current_period_start": now, "current_period_end": now + 30 * 86400},
-            ]},
+            "id": sub_id,
+            "object": "subscription",
+            "customer": customer,
+            "status": status,
+            "cancel_at_period_end": False,
+            "canceled_at": None,
+            "metadata": {},
+            "items": {
+                "object": "list",
+                "data": [
+                    {
+                        "id": _id("si"),
+                        "object": "subscription_item",
+                        "price": {"id": price_id, **PRICES[price_id]},
+                        "quantity": 1,
+                        "current_period_start": now,
+                        "current_period_end": now + 30 * 86400,
+                    },
+                ],
+            },
         }
         self.objects[sub_id] = sub
         return sub
@@ -146,17 +170,26 @@ class FakeStripe:
             failures = self._failures.get(path)
             if failures:
                 status = failures.pop(0)
-                return web.json_response({"error": {"type": "api_error", "message": "fake outage"}}, status=status)
+                return web.json_response(
+                    {"error": {"type": "api_error", "message": "fake outage"}}, status=status
+                )
             if request.method == "POST" and key:
                 digest = repr(sorted(_flatten(params)))
                 stored = self._replies.get(key)
                 if stored is not None:
                     if stored[0] != digest:
-                        return web.json_response({"error": {
-                            "type": "idempotency_error",
-                            "message": "Keys for idempotent requests can only be used with the same parameters",
-                        }}, status=400)
-                    return web.json_response(stored[2], status=stored[1], headers={"Idempotent-Replayed": "true"})
+                        return web.json_response(
+                            {
+                                "error": {
+                                    "type": "idempotency_error",
+                                    "message": "Keys for idempotent requests can only be used with the same parameters",  # noqa: E501
+                                }
+                            },
+                            status=400,
+                        )
+                    return web.json_response(
+                        stored[2], status=stored[1], headers={"Idempotent-Replayed": "true"}
+                    )
             before = sum(self.created.values())
             status, body = self._route(request.method, path, params)
             if request.method == "POST" and key:
@@ -164,8 +197,7 @@ class FakeStripe:
                 self.created_per_key[key] += sum(self.created.values()) - before
             hold = self._holds.pop(path, None) if request.method == "POST" else None
         if hold is not None:
-            while not hold.is_set():
-                await asyncio.sleep(0.02)
+            await asyncio.get_running_loop().run_in_executor(None, hold.wait)
         return web.json_response(body, status=status)
 
     def _route(self, method: str, path: str, params: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -179,15 +211,23 @@ class FakeStripe:
             body["url"] = f"https://billing.stripe.com/p/session/{body['id']}"
             return status, body
         if method == "POST" and path == "/v1/payment_intents":
-            status, body = self._create("payment_intent", "pi", {**params, "status": "requires_payment_method"})
+            status, body = self._create(
+                "payment_intent", "pi", {**params, "status": "requires_payment_method"}
+            )
             body["client_secret"] = f"{body['id']}_secret_{uuid.uuid4().hex[:24]}"
             body["amount"] = int(params.get("amount", 0))
             return status, body
         if len(parts) == 3 and parts[1] in ("customers", "subscriptions"):
             obj = self.objects.get(parts[2])
             if obj is None:
-                return 404, {"error": {"type": "invalid_request_error", "code": "resource_missing",
-                                       "param": "id", "message": f"No such {parts[1][:-1]}: '{parts[2]}'"}}
+                return 404, {
+                    "error": {
+                        "type": "invalid_request_error",
+                        "code": "resource_missing",
+                        "param": "id",
+                        "message": f"No such {parts[1][:-1]}: '{parts[2]}'",
+                    }
+                }
             if method == "GET":
                 return 200, obj
             if method == "DELETE":
@@ -196,7 +236,9 @@ class FakeStripe:
                 obj.update(status="canceled", canceled_at=int(time.time()))
                 return 200, obj
             return 200, self._update(obj, params)
-        return 404, {"error": {"type": "invalid_request_error", "message": f"Unrecognized request URL ({path})"}}
+        return 404, {
+            "error": {"type": "invalid_request_error", "message": f"Unrecognized request URL ({path})"}
+        }
 
     def _create(self, kind: str, prefix: str, fields: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         obj = {**fields, "id": _id(prefix), "object": kind, "created": int(time.time()), "livemode": False}
@@ -221,15 +263,22 @@ class FakeStripe:
     def _checkout(self, params: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         items = params.get("line_items") or []
         if not items or params.get("mode") not in ("payment", "subscription"):
-            return 400, {"error": {"type": "invalid_request_error", "message": "line_items and mode are required"}}
+            return 400, {
+                "error": {"type": "invalid_request_error", "message": "line_items and mode are required"}
+            }
         total, currency = 0, None
         for item in items:
             quantity = int(item.get("quantity", 1))
             if "price" in item:
                 price = PRICES.get(item["price"])
                 if price is None:
-                    return 400, {"error": {"type": "invalid_request_error", "code": "resource_missing",
-                                           "message": f"No such price: '{item['price']}'"}}
+                    return 400, {
+                        "error": {
+                            "type": "invalid_request_error",
+                            "code": "resource_missing",
+                            "message": f"No such price: '{item['price']}'",
+                        }
+                    }
                 total += price["unit_amount"] * quantity
                 currency = price["currency"]
             else:
@@ -238,8 +287,13 @@ class FakeStripe:
                 currency = data["currency"]
         status, session = self._create("checkout.session", "cs_test", params)
         session.update(
-            url=f"https://checkout.stripe.com/c/pay/{session['id']}", amount_total=total, currency=currency,
-            status="open", payment_status="unpaid", expires_at=int(time.time()) + 86400, payment_intent=None,
+            url=f"https://checkout.stripe.com/c/pay/{session['id']}",
+            amount_total=total,
+            currency=currency,
+            status="open",
+            payment_status="unpaid",
+            expires_at=int(time.time()) + 86400,
+            payment_intent=None,
             subscription=None,
         )
         return status, session
