@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -22,6 +24,7 @@ from processor.stripe_api import StripeApi
 from shared.config import Settings, load_settings
 from tests.conftest import env_for
 from tests.fakes.stripe_fake import FakeStripe
+from tests.support import Service, create_vhost, delete_vhost, unique
 
 
 @pytest.fixture(scope="module", name="fake_stripe")
@@ -101,3 +104,48 @@ def new_user() -> str:
 
 def new_key(prefix: str = "test") -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class PaybusWithFake:
+    """`paybus ingress` and `paybus processor` as a user starts them, pointed at the fake Stripe."""
+
+    def __init__(self, database: str, amqp: str, fake: FakeStripe, logs: Path) -> None:
+        self.amqp = amqp
+        self.fake = fake
+        self.logs = logs
+        self.env = env_for(
+            database,
+            amqp,
+            STRIPE_API_BASE=fake.url,
+            STRIPE_SECRET_KEY="sk_test_paybus_e2e",
+            STRIPE_PUBLISHABLE_KEY="pk_test_paybus_e2e",
+        )
+        self.webhook_url = f"http://127.0.0.1:{self.env['INGRESS_PORT']}/webhook/stripe"
+        self.ingress = Service("ingress", self.env, logs / "ingress.log")
+        self.processor = Service("processor", self.env, logs / "processor.log")
+
+    def start(self) -> PaybusWithFake:
+        self.ingress.start()
+        self.start_processor()
+        self.ingress.wait_ready(f"http://127.0.0.1:{self.env['INGRESS_PORT']}/readyz")
+        return self
+
+    def start_processor(self) -> None:
+        self.processor = Service("processor", self.env, self.logs / "processor.log").start()
+        self.processor.wait_ready(f"http://127.0.0.1:{self.env['METRICS_PORT']}/readyz")
+
+    def stop(self) -> None:
+        self.processor.stop()
+        self.ingress.stop()
+
+
+@contextmanager
+def paybus_with_fake(database: str, fake: FakeStripe, logs: Path) -> Iterator[PaybusWithFake]:
+    """A vhost of its own, the two services, and everything removed afterwards."""
+    name = unique("paybus_requests_e2e")
+    system = PaybusWithFake(database, create_vhost(name), fake, logs)
+    try:
+        yield system.start()
+    finally:
+        system.stop()
+        delete_vhost(name)
