@@ -161,8 +161,7 @@ class RequestProcessor:
                     if row.finished:
                         return row.reply()  # a duplicate that waited for the winner's COMMIT
                     done = await self._handle(conn, request, handler, customer_id)
-                    await store.finish(conn, key, done.reply, done.stripe_object_id)
-                    return done.reply
+                    return await store.finish(conn, key, done.reply, done.stripe_object_id)
             except psycopg.errors.LockNotAvailable:
                 raise Retry("another delivery of this request is still in progress") from None
             except _Answered as answered:

@@ -25,6 +25,7 @@ _LOCK: Final = _PEEK + " FOR UPDATE"
 _FINISH: Final = """
 UPDATE payment_requests SET status = %s, response = %s, stripe_object_id = %s, updated_at = now()
  WHERE idempotency_key = %s
+RETURNING response
 """
 
 
@@ -60,6 +61,10 @@ async def lock(conn: AsyncConnection[Any], key: str, timeout_s: float) -> Row | 
     return Row(*row) if row else None
 
 
-async def finish(conn: AsyncConnection[Any], key: str, reply: Reply, stripe_object_id: str | None) -> None:
+async def finish(conn: AsyncConnection[Any], key: str, reply: Reply, stripe_object_id: str | None) -> Reply:
+    """Store the final reply; returns it as stored, so the first answer is byte-identical to every repeat."""
     status = "succeeded" if reply.ok else "failed"
-    await conn.execute(_FINISH, (status, Jsonb(msgspec.to_builtins(reply)), stripe_object_id, key))
+    cur = await conn.execute(_FINISH, (status, Jsonb(msgspec.to_builtins(reply)), stripe_object_id, key))
+    row = await cur.fetchone()
+    assert row is not None
+    return msgspec.convert(row[0], Reply)
