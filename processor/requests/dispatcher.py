@@ -146,13 +146,17 @@ class RequestProcessor:
                 return row.reply()
             customer_id = None
             if handler.needs_customer:
-                customer_id = await ensure_customer(
-                    conn,
-                    self._deps.stripe,
-                    request.user_id,
-                    getattr(request, "email", None),
-                    getattr(request, "name", None),
-                )
+                try:
+                    customer_id = await ensure_customer(
+                        conn,
+                        self._deps.stripe,
+                        request.user_id,
+                        getattr(request, "email", None),
+                        getattr(request, "name", None),
+                    )
+                except StripeFailure as exc:
+                    # Answered but not stored: nothing was done for this key, which stays open.
+                    return _answer(exc)
             try:
                 async with conn.transaction():
                     row = await store.lock(conn, key, LOCK_WAIT_S)
@@ -178,7 +182,7 @@ class RequestProcessor:
             async with conn.transaction():  # savepoint: a refusal leaves no partial write
                 return await handler.handle(conn, request, self._deps, customer_id)
         except StripeFailure as exc:
-            reply = failure(exc.code, exc.message, retryable=exc.retryable, decline_code=exc.decline_code)
+            reply = _answer(exc)
             if exc.retryable:
                 raise _Answered(reply) from None
             return Done(reply)
@@ -192,6 +196,10 @@ class _Answered(Exception):
     def __init__(self, reply: Reply) -> None:
         super().__init__("answered")
         self.reply = reply
+
+
+def _answer(exc: StripeFailure) -> Reply:
+    return failure(exc.code, exc.message, retryable=exc.retryable, decline_code=exc.decline_code)
 
 
 def _key_reused(key: str) -> Reply:

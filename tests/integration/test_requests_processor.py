@@ -433,3 +433,16 @@ async def test_disabled_answers_every_request_disabled(in_process: InProcess, co
         reply = await processor.process(body, "payment_intent.create")
         assert reply.error is not None and reply.error.code == "disabled"
     assert await request_row(conn, key) is None
+
+
+async def test_a_customer_stripe_refuses_is_answered_and_the_key_stays_open(
+    in_process: InProcess, fake_stripe: FakeStripe, conn: Conn
+) -> None:
+    user, key = new_user(), new_key()
+    fake_stripe.fail_next("/v1/customers", 400)
+    reply = await in_process.send("portal_session.create", idempotency_key=key, user_id=user)
+    assert reply["error"]["code"] == "invalid_request" and reply["error"]["message"].startswith("Stripe rejected")
+    row = await request_row(conn, key)
+    assert row is not None and row[2] == "pending"
+    again = await in_process.send("portal_session.create", idempotency_key=key, user_id=user)
+    assert again["ok"] is True
