@@ -75,6 +75,7 @@ class FakeStripe:
         self._replies: dict[str, tuple[str, int, dict[str, Any]]] = {}  # key -> (params digest, status, body)
         self._holds: dict[str, threading.Event] = {}
         self._failures: dict[str, list[int]] = {}
+        self._no_retry: dict[str, bool] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -89,10 +90,14 @@ class FakeStripe:
             self._holds[path] = event
         return event
 
-    def fail_next(self, path: str, *statuses: int) -> None:
-        """Answer the next calls to ``path`` with these HTTP statuses (500, 503, 429...), creating nothing."""
+    def fail_next(self, path: str, *statuses: int, sdk_retries: bool = True) -> None:
+        """Answer the next calls to ``path`` with these HTTP statuses (500, 503, 429...), creating nothing.
+
+        ``sdk_retries=False`` sends `Stripe-Should-Retry: false`, so the SDK does not retry on its own.
+        """
         with self._lock:
             self._failures.setdefault(path, []).extend(statuses)
+            self._no_retry[path] = not sdk_retries
 
     def calls_to(self, path: str) -> list[Call]:
         return [c for c in self.calls if c.path == path]
@@ -170,9 +175,9 @@ class FakeStripe:
             failures = self._failures.get(path)
             if failures:
                 status = failures.pop(0)
-                return web.json_response(
-                    {"error": {"type": "api_error", "message": "fake outage"}}, status=status
-                )
+                headers = {"Stripe-Should-Retry": "false"} if self._no_retry.get(path) else {}
+                body = {"error": {"type": "api_error", "message": "fake outage"}}
+                return web.json_response(body, status=status, headers=headers)
             if request.method == "POST" and key:
                 digest = repr(sorted(_flatten(params)))
                 stored = self._replies.get(key)

@@ -415,6 +415,10 @@ async def test_stripe_outage_is_a_retry_and_leaves_the_key_open(
     with pytest.raises(StripeTransient) as caught:
         await in_process.processor.process(body, "portal_session.create")
     assert caught.value.code == "stripe_unavailable"
+    tries = [
+        c for c in fake_stripe.calls_to("/v1/billing_portal/sessions") if c.key == f"paybus:{key}:portal"
+    ]
+    assert len(tries) == 3  # the SDK's own two retries (max_network_retries=2), same Idempotency-Key
     row = await request_row(conn, key)
     assert row is not None and row[2] == "pending" and row[3] is None
     reply = await in_process.processor.process(body, "portal_session.create")  # the next retry tier
@@ -441,7 +445,8 @@ async def test_a_customer_stripe_refuses_is_answered_and_the_key_stays_open(
     user, key = new_user(), new_key()
     fake_stripe.fail_next("/v1/customers", 400)
     reply = await in_process.send("portal_session.create", idempotency_key=key, user_id=user)
-    assert reply["error"]["code"] == "invalid_request" and reply["error"]["message"].startswith("Stripe rejected")
+    assert reply["error"]["code"] == "invalid_request"
+    assert reply["error"]["message"].startswith("Stripe rejected")
     row = await request_row(conn, key)
     assert row is not None and row[2] == "pending"
     again = await in_process.send("portal_session.create", idempotency_key=key, user_id=user)
