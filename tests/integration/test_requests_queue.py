@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aio_pika
 import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 from processor.catalog import load_catalog
+from processor.consumer import Consumer, Forwarder
+from processor.requests import handlers as request_handlers
+from processor.requests.base import Deps, Done, KindHandler, no_checks
+from processor.requests.dispatcher import RequestProcessor
 from processor.requests.runner import RequestService, open_request_service
+from processor.stripe_api import StripeApi
 from shared.amqp import DEAD_LETTER_QUEUE, REQUESTS_EXCHANGE, REQUESTS_QUEUE, declare_topology, topology
 from shared.client import (
     InvalidRequestError,
@@ -21,7 +28,7 @@ from shared.client import (
     RequestTimeout,
     StripeUnavailableError,
 )
-from shared.messages import CheckoutSessionResult
+from shared.messages import CheckoutSessionResult, RefundCreate
 from tests.fakes.harness import fake_stripe_fixture, new_key, new_user, request_settings  # noqa: F401
 from tests.fakes.stripe_fake import FakeStripe
 from tests.support import create_vhost, delete_vhost, queue_depth, unique, wait_for
@@ -160,3 +167,55 @@ async def test_no_reply_in_time_is_a_request_timeout(running: Running, fake_stri
         session = await client.create_portal_session(idempotency_key=key, user_id=user, reply_timeout=10)
     assert fake_stripe.created_per_key[f"paybus:{key}:portal"] == 1
     assert session.url.startswith("https://billing.stripe.com/")
+
+
+async def test_a_bug_in_a_handler_is_answered_internal_error_after_the_retry_tiers(
+    database: str, make_vhost: Any, fake_stripe: FakeStripe
+) -> None:
+    amqp = make_vhost()
+    settings = request_settings(database, amqp, fake_stripe.url)
+    attempts: list[str] = []
+
+    async def broken(conn: Any, request: Any, deps: Deps, customer_id: str | None) -> Done:
+        attempts.append(request.idempotency_key)
+        raise RuntimeError("a bug")
+
+    table = {**request_handlers(), "refund.create": KindHandler(validate=no_checks, handle=broken)}
+    connection = await aio_pika.connect_robust(amqp)
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        database, min_size=1, max_size=4, open=False, kwargs={"autocommit": True}
+    )
+    await pool.open()
+    stripe = StripeApi.from_settings(settings)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        await declare_topology(channel, topology(settings.retry_delays_ms))
+        forwarder = Forwarder(channel, REQUESTS_QUEUE, settings.retry_delays_ms)
+        await forwarder.open()
+        deps = Deps(stripe=stripe, catalog=load_catalog(settings.catalog_path), settings=settings)
+        work = RequestProcessor(pool, channel, deps, settings.retry_delays_ms, table)
+
+        async def db_check() -> None:
+            async with pool.connection() as conn:
+                await conn.execute("SELECT 1")
+
+        consumer = Consumer(channel, REQUESTS_QUEUE, work, forwarder, db_check, 4)
+        task = asyncio.create_task(consumer.run())
+        async with await PaymentsClient.connect(amqp, reply_timeout=20) as client:
+            reply = await client.request(
+                RefundCreate(idempotency_key=new_key(), user_id=uuid.uuid4(), payment_intent_id="pi_123")
+            )
+            # The consumer survived and still answers.
+            after = await client.send("no.such.kind", b"{}")
+        await consumer.stop()
+        task.cancel()
+    finally:
+        await stripe.close()
+        await pool.close()
+        await connection.close()
+    assert reply.error is not None
+    assert (reply.error.code, reply.error.retryable) == ("internal_error", True)
+    assert "a bug" not in reply.error.message  # internals stay inside
+    assert len(attempts) == 1 + len(settings.retry_delays_ms)
+    assert await queue_depth(amqp, DEAD_LETTER_QUEUE) == 0
+    assert after.error is not None and after.error.code == "invalid_request"
