@@ -53,8 +53,8 @@ ProductKey = Annotated[str, Meta(min_length=1, max_length=100, description="cata
 Url = Annotated[str, Meta(pattern=r"^https?://", max_length=2000)]
 StripeId = Annotated[str, Meta(min_length=3, max_length=255, pattern=r"^[a-z]+_[A-Za-z0-9_]+$")]
 Metadata = Annotated[
-    dict[str, Annotated[str, Meta(max_length=500)]],
-    Meta(max_length=20, description="copied to the Stripe object's metadata"),
+    dict[Annotated[str, Meta(min_length=1, max_length=40)], Annotated[str, Meta(max_length=500)]],
+    Meta(max_length=20, description="copied to the Stripe object's metadata (Stripe's key and value limits)"),
 ]
 Email = Annotated[str, Meta(max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
 Name = Annotated[str, Meta(min_length=1, max_length=200)]
