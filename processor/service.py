@@ -21,7 +21,8 @@ from processor.consumer import Consumer, Forwarder
 from processor.context import Context
 from processor.events import handlers
 from processor.pipeline import EventPipeline
-from shared.amqp import DEAD_LETTER_QUEUE, EVENTS_QUEUE, REQUESTS_QUEUE, declare_topology
+from processor.requests.runner import RequestService, open_request_service
+from shared.amqp import DEAD_LETTER_QUEUE, EVENTS_QUEUE, REQUESTS_QUEUE, declare_topology, topology
 from shared.config import Settings
 from shared.telemetry import ProcessorMetrics, setup_tracing, shutdown_tracing
 
@@ -92,9 +93,10 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     runner: web.AppRunner | None = None
     background: list[asyncio.Task[None]] = []
+    requests: RequestService | None = None
     try:
         setup = await connection.channel()
-        await declare_topology(setup)
+        await declare_topology(setup, topology(settings.retry_delays_ms))
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=settings.prefetch)
         forwarder = Forwarder(channel, EVENTS_QUEUE, settings.retry_delays_ms, metrics)
@@ -106,24 +108,34 @@ async def serve(settings: Settings) -> None:
 
         pipeline = EventPipeline(pool, handlers(), ctx, metrics, tracer)
         events = Consumer(channel, EVENTS_QUEUE, pipeline, forwarder, db_check, settings.prefetch)
+        requests = await open_request_service(settings, connection, catalog, metrics)
         runner = web.AppRunner(_health_app(events, connection, metrics), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, settings.ingress_host, settings.metrics_port).start()
-        log.info("processor consuming %s; health and metrics on :%d", EVENTS_QUEUE, settings.metrics_port)
+        log.info(
+            "processor consuming %s, %s; health and metrics on :%d",
+            EVENTS_QUEUE,
+            REQUESTS_QUEUE,
+            settings.metrics_port,
+        )
         background.append(asyncio.create_task(_watch_queues(setup, metrics)))
         consuming = asyncio.create_task(events.run())
+        answering = asyncio.create_task(requests.consumer.run())
         stopped = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({consuming, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if consuming in done:
-            consuming.result()  # surface the crash
+        done, _ = await asyncio.wait({consuming, answering, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done & {consuming, answering}:
+            task.result()  # surface the crash
         log.info("processor stopping: finishing in-flight messages")
-        await events.stop()
+        await asyncio.gather(events.stop(), requests.consumer.stop())
         consuming.cancel()
+        answering.cancel()
     finally:
         for task in background:
             task.cancel()
         if runner is not None:
             await runner.cleanup()
+        if requests is not None:
+            await requests.close()
         await connection.close()
         await pool.close()
         shutdown_tracing(provider)
