@@ -9,16 +9,20 @@ later through the retry queues; after the last tier the requester is told `strip
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import aiohttp
 import stripe
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from processor.errors import Retry
 from shared.config import Settings
 from shared.logs import redact
 from shared.messages import ErrorCode
+from shared.telemetry import ProcessorMetrics
 
 log = logging.getLogger("paybus.stripe")
 
@@ -106,12 +110,16 @@ def _params(params: dict[str, Any]) -> Any:
 class StripeApi:
     """The handful of Stripe calls payment requests make; every result is a plain dict."""
 
-    def __init__(self, client: stripe.StripeClient, http: stripe.AIOHTTPClient) -> None:
+    def __init__(
+        self, client: stripe.StripeClient, http: stripe.AIOHTTPClient, metrics: ProcessorMetrics | None = None
+    ) -> None:
         self._client = client
         self._http = http
+        self._metrics = metrics or ProcessorMetrics()
+        self._tracer = trace.get_tracer("paybus.stripe")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> StripeApi:
+    def from_settings(cls, settings: Settings, metrics: ProcessorMetrics | None = None) -> StripeApi:
         http = stripe.AIOHTTPClient(timeout=TIMEOUT)
         client = stripe.StripeClient(
             settings.stripe_secret_key,
@@ -120,16 +128,20 @@ class StripeApi:
             max_network_retries=MAX_NETWORK_RETRIES,
             http_client=http,
         )
-        return cls(client, http)
+        return cls(client, http, metrics)
 
     async def close(self) -> None:
         await self._http.close_async()  # type: ignore[no-untyped-call]
 
     async def _call(self, what: str, call: Callable[[], Awaitable[Any]]) -> StripeObject:
+        started = time.perf_counter()
         try:
-            obj = await call()
+            with self._tracer.start_as_current_span(f"stripe {what}", kind=SpanKind.CLIENT) as span:
+                span.set_attribute("rpc.system", "stripe")
+                obj = await call()
         except stripe.StripeError as exc:
             mapped = classify(exc)
+            self._metrics.stripe_errors.labels(what, mapped.code).inc()
             log.warning(
                 "stripe %s failed: %s http=%s code=%s request=%s -> %s",
                 what,
@@ -140,6 +152,8 @@ class StripeApi:
                 mapped.code,
             )
             raise mapped from None
+        finally:
+            self._metrics.stripe_seconds.labels(what).observe(time.perf_counter() - started)
         result: StripeObject = obj.to_dict()
         return result
 

@@ -17,6 +17,8 @@ import aio_pika
 import msgspec
 import psycopg
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from opentelemetry import context, trace
+from opentelemetry.trace import SpanKind
 from psycopg_pool import AsyncConnectionPool
 
 from processor.consumer import CONFLICT_ERRORS, DB_DOWN_ERRORS, H_ATTEMPTS, H_ORIGINAL_KEY
@@ -26,8 +28,9 @@ from processor.requests import handlers as request_handlers
 from processor.requests import store
 from processor.requests.base import Deps, Done, KindHandler, Refused
 from processor.stripe_api import StripeFailure, StripeTransient
-from shared.amqp import REQUESTS_QUEUE
+from shared.amqp import REQUEST_KINDS, REQUESTS_QUEUE
 from shared.messages import InvalidRequest, Reply, Request, decode_request, failure, kind_of
+from shared.telemetry import ProcessorMetrics, extract
 
 log = logging.getLogger("paybus.requests")
 
@@ -61,7 +64,10 @@ class RequestProcessor:
         deps: Deps,
         retry_delays_ms: tuple[int, ...],
         table: dict[str, KindHandler] | None = None,
+        metrics: ProcessorMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or ProcessorMetrics()
+        self._tracer = trace.get_tracer("paybus.processor")
         self._pool = pool
         self._channel = channel
         self._deps = deps
@@ -69,6 +75,17 @@ class RequestProcessor:
         self._table = table or request_handlers()
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
+        token = context.attach(extract(message.headers))
+        try:
+            with self._tracer.start_as_current_span(
+                f"request {message.routing_key if message.routing_key in REQUEST_KINDS else 'unknown'}",
+                kind=SpanKind.CONSUMER,
+            ):
+                await self._answer(message)
+        finally:
+            context.detach(token)
+
+    async def _answer(self, message: AbstractIncomingMessage) -> None:
         headers = message.headers or {}
         # After a retry tier the routing key is the queue's; the original one (the kind) is in a header.
         routing_key = _text(headers.get(H_ORIGINAL_KEY)) or message.routing_key
@@ -95,6 +112,10 @@ class RequestProcessor:
             reply = failure(
                 "internal_error", "paybus could not process this request; try again later", retryable=True
             )
+        outcome = "ok" if reply.ok else (reply.error.code if reply.error else "error")
+        # only known kinds become label values: a routing key is chosen by the sender
+        kind = routing_key if routing_key in REQUEST_KINDS else "unknown"
+        self._metrics.requests.labels(kind, outcome).inc()
         await self._reply(message, reply)
 
     async def _reply(self, message: AbstractIncomingMessage, reply: Reply) -> None:

@@ -54,9 +54,13 @@ async def open_request_service(
     await channel.set_qos(prefetch_count=concurrency)
     forwarder = Forwarder(channel, REQUESTS_QUEUE, settings.retry_delays_ms, metrics)
     await forwarder.open()
-    stripe = StripeApi.from_settings(settings)
+    stripe = StripeApi.from_settings(settings, metrics)
     work = RequestProcessor(
-        pool, channel, Deps(stripe=stripe, catalog=catalog, settings=settings), settings.retry_delays_ms
+        pool,
+        channel,
+        Deps(stripe=stripe, catalog=catalog, settings=settings),
+        settings.retry_delays_ms,
+        metrics=metrics,
     )
 
     async def db_check() -> None:

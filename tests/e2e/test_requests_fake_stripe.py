@@ -202,6 +202,15 @@ def test_paybus_request_prints_the_reply(system: PaybusWithFake) -> None:
     error = json.loads(bad.stdout)["error"]
     assert error["code"] == "invalid_request" and "$.amount" in error["message"]
 
+    # the processor's /metrics counted them: two answered ok (the second from the stored reply), one refused
+    from tests.e2e.test_observability import _scrape
+
+    metrics = _scrape(system.ingress.env["METRICS_PORT"])
+    kind = ("kind", "checkout_session.create")
+    assert metrics[("paybus_payment_requests_total", (kind, ("outcome", "ok")))] == 2
+    assert metrics[("paybus_payment_requests_total", (kind, ("outcome", "invalid_request")))] == 1
+    assert metrics[("paybus_stripe_api_seconds_count", (("operation", "checkout session create"),))] >= 1
+
 
 async def rows_for(conn: Conn, key: str, session_ids: set[str]) -> tuple[int, int]:
     requests = await (
