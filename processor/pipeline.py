@@ -11,6 +11,7 @@ from processor.context import Context
 from processor.errors import Reject
 from processor.events import Handler
 from processor.ledger import Result, apply_event, parse_event, record_failed
+from processor.schema import unknown_schema
 from shared.envelope import H_RECEIVED_AT
 
 
@@ -26,6 +27,9 @@ class EventPipeline:
     async def process(self, body: bytes, received_at: str | None = None) -> Result:
         event = parse_event(body)
         try:
+            problem = unknown_schema(event.api_version)
+            if problem:
+                raise Reject("unknown-schema", problem)
             async with self._pool.connection() as conn, conn.transaction():
                 return await apply_event(conn, body, event, self._handlers, self._ctx, received_at)
         except Reject:

@@ -17,7 +17,7 @@ from processor.consumer import Consumer, Forwarder
 from processor.context import Context
 from processor.events import handlers
 from processor.pipeline import EventPipeline
-from shared.amqp import EVENTS_QUEUE, declare_topology
+from shared.amqp import EVENTS_QUEUE, declare_topology, topology
 from shared.config import Settings
 
 log = logging.getLogger("paybus.processor")
@@ -61,7 +61,8 @@ async def serve(settings: Settings) -> None:
     runner: web.AppRunner | None = None
     try:
         setup = await connection.channel()
-        await declare_topology(setup)
+        # with the configured delays: the Forwarder publishes to these delay queues by name
+        await declare_topology(setup, topology(settings.retry_delays_ms))
         await setup.close()
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=settings.prefetch)
