@@ -42,13 +42,24 @@ H_ORIGINAL_QUEUE: Final = "x-paybus-original-queue"
 H_REQUEUED_AT: Final = "x-paybus-requeued-at"
 # Written by the broker; stale on a copy we publish ourselves (our own headers are the record).
 BROKER_HEADERS: Final = frozenset(
-    {"x-death", "x-delivery-count", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
-     "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason"}
+    {
+        "x-death",
+        "x-delivery-count",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
 )
 
 # Errors that mean "the database is not there", as opposed to "this message is bad".
 DB_DOWN_ERRORS: Final = (
-    psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg.errors.AdminShutdown, DatabaseUnavailable
+    psycopg.OperationalError,
+    psycopg_pool.PoolTimeout,
+    psycopg.errors.AdminShutdown,
+    DatabaseUnavailable,
 )
 # Lock conflicts between concurrent transactions: safe to run again at once.
 CONFLICT_ERRORS: Final = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)

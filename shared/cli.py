@@ -162,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--url", help="webhook URL (default: from INGRESS_HOST/PORT and WEBHOOK_PATH_TOKEN)")
     send.add_argument("--user", help="user UUID to put in metadata.user_id (default: a new one)")
     send.set_defaults(func=cmd_send_event)
+
+    from shared.ops import dlq, inspect, reconcile, replay  # operator tools (shared/ops/)
+
+    for tool in (dlq, replay, reconcile, inspect):
+        tool.register(sub)
     return parser
 
 
