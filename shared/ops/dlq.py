@@ -23,17 +23,18 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import aio_pika
 import msgspec
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-from pamqp.commands import Basic
 
 from shared.amqp import DEAD_LETTER_QUEUE
 from shared.envelope import H_EVENT_ID
 from shared.logs import redact
 from shared.ops.common import UsageError, dump_json, fail, iso, parse_since, settings_or_exit, table
+
+if TYPE_CHECKING:  # aio-pika is imported when a command runs: `paybus --help` stays fast
+    import aio_pika
+    from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 H_ATTEMPTS: Final = "x-paybus-attempts"
 H_REASON: Final = "x-paybus-reason"
@@ -155,6 +156,8 @@ class DeadLetter:
 
     def requeue_message(self, now: datetime) -> aio_pika.Message:
         """The original message again: same body and properties, attempts reset, requeue stamped."""
+        import aio_pika
+
         headers = {k: v for k, v in self.headers.items() if k not in _FAILURE_HEADERS}
         headers[H_REQUEUED_AT] = iso(now)
         previous = self.headers.get(H_REQUEUE_COUNT)
@@ -229,6 +232,8 @@ class Scan:
 
 
 async def _open(url: str) -> tuple[aio_pika.abc.AbstractConnection, AbstractChannel]:
+    import aio_pika
+
     connection = await aio_pika.connect(url, client_properties={"connection_name": "paybus-dlq"}, timeout=10)
     channel = await connection.channel(publisher_confirms=True)
     return connection, channel
@@ -236,6 +241,8 @@ async def _open(url: str) -> tuple[aio_pika.abc.AbstractConnection, AbstractChan
 
 async def requeue_one(channel: AbstractChannel, letter: DeadLetter, now: datetime) -> str | None:
     """Publish ``letter`` to its original exchange and key with a confirm; return an error or None."""
+    from pamqp.commands import Basic
+
     if letter.routing_key is None:
         return "original exchange and routing key unknown"
     exchange = (

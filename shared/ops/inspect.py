@@ -12,15 +12,14 @@ import argparse
 import asyncio
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Final
-
-import aio_pika
-import psycopg
-from psycopg.rows import dict_row
+from typing import TYPE_CHECKING, Any, Final
 
 from processor.catalog import Catalog, CatalogError, load_catalog
 from shared.ops.common import dump_json, fail, iso, settings_or_exit, table
 from shared.ops.dlq import DeadLetter, Scan
+
+if TYPE_CHECKING:
+    import psycopg
 
 TRAIL_LIMIT: Final = 200
 Row = dict[str, Any]
@@ -178,6 +177,8 @@ def _is_uuid(text: str) -> bool:
 
 async def _dead_letters(url: str, needles: list[str]) -> list[dict[str, Any]] | str:
     """Dead letters whose body mentions any of ``needles`` (peeked and returned), or why not known."""
+    import aio_pika
+
     encoded = [n.encode() for n in needles if n]
 
     def select(letter: DeadLetter) -> bool:
@@ -327,6 +328,9 @@ def _section(title: str, rows: list[tuple[Any, ...]], header: tuple[str, ...]) -
 
 
 async def _run(args: argparse.Namespace) -> int:
+    import psycopg
+    from psycopg.rows import dict_row
+
     settings = settings_or_exit("inspect")
     now = datetime.now(UTC)
     if args.kind == "user" and not _is_uuid(args.ident):

@@ -18,17 +18,15 @@ import asyncio
 import json
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
-
-import aio_pika
-import aiohttp
-import psycopg
-from pamqp.commands import Basic
+from typing import TYPE_CHECKING, Any, Final
 
 from shared.amqp import EVENTS_EXCHANGE
 from shared.config import Settings
 from shared.envelope import H_ACCOUNT, H_EVENT_ID, H_LIVEMODE, H_RECEIVED_AT, NotAnEvent, decode_envelope
 from shared.ops.common import UsageError, dump_json, fail, iso, parse_since, settings_or_exit, table
+
+if TYPE_CHECKING:  # imported when the command runs: `paybus --help` stays fast
+    import aiohttp
 
 H_RECONCILED_AT: Final = "x-paybus-reconciled-at"
 PAGE_SIZE: Final = 100
@@ -57,6 +55,8 @@ class StripeEvents:
         self.requests = 0
 
     async def _get(self, params: dict[str, str]) -> dict[str, Any]:
+        import aiohttp
+
         delay = 1.0
         for attempt in range(TRIES):
             if self.requests >= self._max_requests:
@@ -100,6 +100,9 @@ class StripeEvents:
 
 
 async def _push(url: str, events: list[tuple[dict[str, Any], bytes]], now: datetime) -> dict[str, str]:
+    import aio_pika
+    from pamqp.commands import Basic
+
     errors: dict[str, str] = {}
     connection = await aio_pika.connect(
         url, client_properties={"connection_name": "paybus-reconcile"}, timeout=10
@@ -136,6 +139,9 @@ async def _push(url: str, events: list[tuple[dict[str, Any], bytes]], now: datet
 
 
 async def _run(args: argparse.Namespace) -> int:
+    import aiohttp
+    import psycopg
+
     settings = settings_or_exit("reconcile")
     now = datetime.now(UTC)
     try:

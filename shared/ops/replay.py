@@ -19,10 +19,6 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import aio_pika
-import psycopg
-from pamqp.commands import Basic
-
 from shared.amqp import EVENTS_EXCHANGE
 from shared.envelope import H_ACCOUNT, H_EVENT_ID, H_LIVEMODE, H_RECEIVED_AT
 from shared.ops.common import UsageError, dump_json, fail, iso, parse_since, settings_or_exit, table
@@ -49,6 +45,9 @@ def _like(pattern: str) -> str:
 
 async def _publish_all(url: str, rows: list[tuple[Any, ...]], now: datetime) -> dict[str, str]:
     """Publish each row with a confirm, a few at a time; return the errors by event id."""
+    import aio_pika
+    from pamqp.commands import Basic
+
     errors: dict[str, str] = {}
     connection = await aio_pika.connect(
         url, client_properties={"connection_name": "paybus-replay"}, timeout=10
@@ -91,6 +90,8 @@ async def _publish_all(url: str, rows: list[tuple[Any, ...]], now: datetime) -> 
 
 
 async def _run(args: argparse.Namespace) -> int:
+    import psycopg
+
     settings = settings_or_exit("replay")
     if not (args.id or args.type or args.since):
         return fail("replay", "say what to replay: --id, --type and/or --since", 2)
