@@ -64,6 +64,7 @@ DB_DOWN_ERRORS: Final = (
 # Lock conflicts between concurrent transactions: safe to run again at once.
 CONFLICT_ERRORS: Final = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 CONFLICT_RUNS: Final = 5
+DB_WATCH_SECONDS: Final = 2.0
 
 MessageWork = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
@@ -183,7 +184,7 @@ class Consumer:
                 break
             self._db_lost.clear()
             tag: ConsumerTag = await queue.consume(self._on_message)
-            await _first(self._db_lost.wait(), self._stopping.wait())
+            await _first(self._db_lost.wait(), self._stopping.wait(), self._watch_database())
             # No new deliveries from here on; the messages in hand stay unacked (they are not returned).
             try:
                 await queue.cancel(tag)
@@ -219,6 +220,14 @@ class Consumer:
             self.db_ready.clear()
             await _first(asyncio.sleep(delay), self._stopping.wait())
             delay = min(delay * 2, 5.0)
+
+    async def _watch_database(self) -> None:
+        """Notice an outage while idle too, so readiness is honest before the next message fails."""
+        while True:
+            await asyncio.sleep(DB_WATCH_SECONDS)
+            if not await self._database_up():
+                self._database_lost()
+                return
 
     def _database_lost(self) -> None:
         if self.db_ready.is_set():

@@ -49,6 +49,8 @@ async def serve(settings: Settings) -> None:
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         settings.database_url, min_size=2, max_size=max(4, min(settings.prefetch, 16)), open=False, timeout=5,
         kwargs={"autocommit": True},
+        # after a Postgres restart every pooled connection is dead: test on checkout, not on a message
+        check=AsyncConnectionPool.check_connection,
     )
     await pool.open(wait=False)
     connection = await aio_pika.connect_robust(
