@@ -183,7 +183,12 @@ class Consumer:
             if self._stopping.is_set():
                 break
             self._db_lost.clear()
-            tag: ConsumerTag = await queue.consume(self._on_message)
+            try:
+                tag: ConsumerTag = await queue.consume(self._on_message)
+            except Exception as exc:  # channel being restored after a broker restart: try again soon
+                log.warning("could not start consuming (%s); retrying", type(exc).__name__)
+                await _first(asyncio.sleep(1), self._stopping.wait())
+                continue
             await _first(self._db_lost.wait(), self._stopping.wait(), self._watch_database())
             # No new deliveries from here on; the messages in hand stay unacked (they are not returned).
             try:
@@ -260,8 +265,6 @@ class Consumer:
         while True:
             try:
                 await self._work(message)
-                await message.ack()
-                return
             except CONFLICT_ERRORS:
                 conflicts += 1
                 if conflicts < CONFLICT_RUNS:
@@ -274,6 +277,8 @@ class Consumer:
                     if self.db_ready.is_set():
                         continue  # same message, not counted as an attempt: it was not its fault
                     return  # shutting down: leave it unacked, the broker returns it on close
+                if isinstance(exc, psycopg_pool.PoolTimeout):
+                    continue  # every pooled connection busy (load, not this message): wait again
                 # The database answers, so the failure belonged to this message (a statement
                 # timeout, say): a bounded retry, not an endless pause.
                 error = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -288,6 +293,11 @@ class Consumer:
                 # A bug or an unexpected payload: bounded retries, then the dead letters.
                 log.exception("processing failed")
                 error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            else:
+                # Outside the try: an ack that fails (channel lost) is not a processing failure; the
+                # broker redelivers the message and the ledger absorbs it.
+                await message.ack()
+                return
             outcome = await self._forwarder.retry_or_dead_letter(message, error)
             log.warning("transient failure, %s: %s", outcome, error)
             await message.ack()

@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import aio_pika
+import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
@@ -72,7 +73,10 @@ async def serve(settings: Settings) -> None:
         await forwarder.open()
 
         async def db_check() -> None:
-            async with pool.connection(timeout=2) as conn:
+            # its own connection, not the pool's: a pool busy under load must not look like an outage
+            async with await psycopg.AsyncConnection.connect(
+                settings.database_url, connect_timeout=3, autocommit=True
+            ) as conn:
                 await conn.execute("SELECT 1")
 
         events = Consumer(
