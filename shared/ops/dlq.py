@@ -225,6 +225,8 @@ class Scan:
 
     async def settle(self) -> None:
         """Give back, in their original order, the messages that were not acked."""
+        if self.channel.is_closed:
+            return  # the broker has already returned every unacked message
         for letter in self.held:
             if id(letter) not in self._settled:
                 await letter.message.nack(requeue=True)
@@ -285,24 +287,27 @@ async def _run(args: argparse.Namespace) -> int:
         connection, channel = await _open(settings.amqp_url)
     except Exception as exc:
         return fail(command, f"cannot reach RabbitMQ ({type(exc).__name__}: {exc})")
-    async with connection:
-        scan = Scan(channel)
-        errors: list[dict[str, Any]] = []
-        done: list[DeadLetter] = []
-        try:
-            await scan.run(select, args.limit)
-            now = datetime.now(UTC)
-            if args.action in ("requeue", "purge") and not args.dry_run:
-                for letter in scan.selected:
-                    if args.action == "requeue":
-                        error = await requeue_one(channel, letter, now)
-                        if error:
-                            errors.append({**letter.summary(), "requeue_error": error})
-                            continue
-                    await scan.ack(letter)  # only after the confirm: a kill before this leaves it here
-                    done.append(letter)
-        finally:
-            await scan.settle()
+    scan = Scan(channel)
+    errors: list[dict[str, Any]] = []
+    done: list[DeadLetter] = []
+    try:
+        async with connection:
+            try:
+                await scan.run(select, args.limit)
+                now = datetime.now(UTC)
+                if args.action in ("requeue", "purge") and not args.dry_run:
+                    for letter in scan.selected:
+                        if args.action == "requeue":
+                            error = await requeue_one(channel, letter, now)
+                            if error:
+                                errors.append({**letter.summary(), "requeue_error": error})
+                                continue
+                        await scan.ack(letter)  # only after the confirm: a kill before this leaves it here
+                        done.append(letter)
+            finally:
+                await scan.settle()
+    except Exception as exc:  # e.g. no dead-letter queue yet, or the broker went away: nothing was lost
+        return fail(command, f"{type(exc).__name__}: {str(exc)[:200]} (unsettled messages stay in the queue)")
     _report(args, scan, done, errors)
     return 1 if errors else 0
 

@@ -190,12 +190,15 @@ async def _dead_letters(url: str, needles: list[str]) -> list[dict[str, Any]] | 
         )
     except Exception as exc:
         return f"dead letters unknown: RabbitMQ unreachable ({type(exc).__name__})"
-    async with connection:
-        scan = Scan(await connection.channel())
-        try:
-            await scan.run(select, None)
-        finally:
-            await scan.settle()
+    try:
+        async with connection:
+            scan = Scan(await connection.channel())
+            try:
+                await scan.run(select, None)
+            finally:
+                await scan.settle()
+    except Exception as exc:
+        return f"dead letters unknown: {type(exc).__name__}"
     return [letter.summary() for letter in scan.selected]
 
 

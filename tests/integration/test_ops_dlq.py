@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -180,3 +181,43 @@ async def test_requeue_killed_at_random_points_loses_no_message(database: str, m
     seen = {json.loads(m.body)["id"] for m in requeued}
     assert seen == expected  # none lost; a kill between confirm and ack may leave a duplicate
     assert len(requeued) >= len(expected)
+
+
+async def test_broker_dead_letters_are_explained_from_x_death_and_requeued_to_where_they_came_from(
+    database: str, make_vhost: Any
+) -> None:
+    amqp = make_vhost()
+    await declare(amqp)
+    env = env_for(database, amqp)
+    envelope = samples.sample_event("payment_intent.processing")
+    death = {
+        "count": 1,
+        "reason": "delivery_limit",
+        "queue": EVENTS_QUEUE,
+        "exchange": "stripe.events",
+        "routing-keys": [envelope["type"]],
+        "time": datetime(2026, 11, 26, 11, 0, tzinfo=UTC),
+    }
+    connection = await aio_pika.connect(amqp)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
+        message = aio_pika.Message(
+            samples.encode(envelope), headers={"x-death": [death]}, type=envelope["type"]
+        )
+        await exchange.publish(message, routing_key="")
+    [letter] = await _list(env)
+    assert (letter["event_id"], letter["reason"]) == (envelope["id"], "delivery_limit")
+    assert letter["dead_lettered_at"].startswith("2026-11-26T11:00")
+    code, out, _ = await paybus("dlq", "requeue", "--reason", "delivery_limit", env=env)
+    assert code == 0 and "1 requeued" in out
+    [back] = await drain(amqp, EVENTS_QUEUE)
+    assert back.body == samples.encode(envelope) and "x-death" not in (back.headers or {})
+
+
+async def test_a_broker_without_the_dead_letter_queue_gets_a_clear_answer(
+    database: str, make_vhost: Any
+) -> None:
+    env = env_for(database, make_vhost())  # nothing declared in this vhost
+    code, out, err = await paybus("dlq", "list", env=env)
+    assert code == 1 and "NOT_FOUND" in err.upper() and "Traceback" not in err
