@@ -3,7 +3,9 @@
 Reads Stripe's Events API (`GET /v1/events?delivery_success=false&created[gte]=…`, 100 per page,
 `starting_after` pagination), looks each event up in the ledger and publishes the ones that are not
 there to `stripe.events` with confirms — the same bytes path as a webhook, so the normal pipeline
-applies them (and absorbs them if Stripe's own retry gets there too). Prints a drift report.
+applies them (and absorbs them if Stripe's own retry gets there too). Then, with what is left of
+the budget, lists the window's PaymentIntents (`GET /v1/payment_intents`) and reports every settled
+one (succeeded, canceled) whose `payments` row says otherwise or is missing: the drift report.
 
 Request budget: at most `--max-requests` calls (default 50, i.e. 5,000 events) at most `--rate` per
 second (default 4), far below Stripe's read limits (100/s live, 25/s test mode), so a reconcile never
@@ -44,7 +46,7 @@ class StripeEvents:
     def __init__(
         self, settings: Settings, session: aiohttp.ClientSession, max_requests: int, rate: float
     ) -> None:
-        self._url = settings.stripe_api_base.rstrip("/") + "/v1/events"
+        self._base = settings.stripe_api_base.rstrip("/")
         self._headers = {"Authorization": f"Bearer {settings.stripe_secret_key}"}
         if settings.stripe_api_version:
             self._headers["Stripe-Version"] = settings.stripe_api_version
@@ -54,7 +56,7 @@ class StripeEvents:
         self._last = 0.0
         self.requests = 0
 
-    async def _get(self, params: dict[str, str]) -> dict[str, Any]:
+    async def _get(self, path: str, params: dict[str, str]) -> dict[str, Any]:
         import aiohttp
 
         delay = 1.0
@@ -67,7 +69,9 @@ class StripeEvents:
             self._last = time.monotonic()
             self.requests += 1
             try:
-                async with self._session.get(self._url, params=params, headers=self._headers) as response:
+                async with self._session.get(
+                    self._base + path, params=params, headers=self._headers
+                ) as response:
                     if response.status == 200:
                         return dict(await response.json())
                     retry_after = response.headers.get("Retry-After", "")
@@ -82,21 +86,45 @@ class StripeEvents:
             delay *= 2
         raise AssertionError("unreachable")
 
-    async def undelivered(self, since: datetime) -> list[dict[str, Any]]:
-        """Every event created since ``since`` that Stripe has not delivered, oldest page last."""
-        params = {
-            "delivery_success": "false",
-            "created[gte]": str(int(since.timestamp())),
-            "limit": str(PAGE_SIZE),
-        }
-        events: list[dict[str, Any]] = []
+    def use(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    async def list_all(self, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """Every object of a Stripe list endpoint, following `starting_after` while `has_more`."""
+        params = {**params, "limit": str(PAGE_SIZE)}
+        found: list[dict[str, Any]] = []
         while True:
-            page = await self._get(params)
+            page = await self._get(path, params)
             data = page.get("data") or []
-            events.extend(e for e in data if isinstance(e, dict))
+            found.extend(e for e in data if isinstance(e, dict))
             if not page.get("has_more") or not data:
-                return events
+                return found
             params["starting_after"] = str(data[-1]["id"])
+
+    async def undelivered(self, since: datetime) -> list[dict[str, Any]]:
+        """Every event created since ``since`` that Stripe has not delivered."""
+        return await self.list_all(
+            "/v1/events", {"delivery_success": "false", "created[gte]": str(int(since.timestamp()))}
+        )
+
+    async def payment_intents(self, since: datetime) -> list[dict[str, Any]]:
+        return await self.list_all("/v1/payment_intents", {"created[gte]": str(int(since.timestamp()))})
+
+
+# Stripe's settled PaymentIntent states and the `payments.status` each must have become. Only final
+# states are compared: a payment still in flight may lag by an undelivered event without being wrong.
+SETTLED_INTENT_STATUS: Final = {"succeeded": "succeeded", "canceled": "canceled"}
+
+
+def intent_drift(intents: list[dict[str, Any]], ours: dict[str, str]) -> list[dict[str, Any]]:
+    """Settled PaymentIntents whose state in paybus differs from Stripe's."""
+    drift = []
+    for intent in intents:
+        want = SETTLED_INTENT_STATUS.get(str(intent.get("status")))
+        have = ours.get(str(intent.get("id")))
+        if want and have != want:
+            drift.append({"object": intent["id"], "stripe": intent["status"], "paybus": have or "missing"})
+    return drift
 
 
 async def _push(url: str, events: list[tuple[dict[str, Any], bytes]], now: datetime) -> dict[str, str]:
@@ -153,7 +181,6 @@ async def _run(args: argparse.Namespace) -> int:
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         api = StripeEvents(settings, session, args.max_requests, args.rate)
-        complete = True
         try:
             listed = await api.undelivered(since)
         except BudgetExhausted:
@@ -195,10 +222,10 @@ async def _run(args: argparse.Namespace) -> int:
             errors = await _push(settings.amqp_url, missing, now)
         except Exception as exc:
             return fail("reconcile", f"cannot reach RabbitMQ ({type(exc).__name__}: {exc})")
+    drift, checked, objects_complete = await _object_drift(settings, api, since)
     report = {
         "window": {"since": iso(since), "until": iso(now)},
         "requests": api.requests,
-        "complete": complete,
         "undelivered_listed": len(listed),
         "already_stored": {
             o or "pending": sum(1 for v in stored.values() if v == o) for o in set(stored.values())
@@ -208,9 +235,36 @@ async def _run(args: argparse.Namespace) -> int:
         "errors": errors,
         "skipped": skipped,
         "dry_run": args.dry_run,
+        "objects_checked": checked,
+        "objects_complete": objects_complete,
+        "object_drift": drift,
     }
     _print(args, report)
     return 1 if errors else 0
+
+
+async def _object_drift(
+    settings: Settings, api: StripeEvents, since: datetime
+) -> tuple[list[dict[str, Any]], int, bool]:
+    """Compare settled PaymentIntents of the window with `payments`, within what is left of the budget."""
+    import aiohttp
+    import psycopg
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        api.use(session)
+        try:
+            intents = await api.payment_intents(since)
+        except (BudgetExhausted, RuntimeError):
+            return [], 0, False
+    async with await psycopg.AsyncConnection.connect(settings.database_url, autocommit=True) as conn:
+        rows = await (
+            await conn.execute(
+                "SELECT stripe_payment_intent_id, status FROM payments"
+                " WHERE stripe_payment_intent_id = ANY(%s)",
+                ([str(i.get("id")) for i in intents],),
+            )
+        ).fetchall()
+    return intent_drift(intents, {str(r[0]): str(r[1]) for r in rows}), len(intents), True
 
 
 def _print(args: argparse.Namespace, report: dict[str, Any]) -> None:
@@ -248,7 +302,18 @@ def _print(args: argparse.Namespace, report: dict[str, Any]) -> None:
     if stored.get("failed"):
         print("  failed events are in the dead letters: `paybus dlq list --reason ...` explains them")
     if not report["missing"]:
-        print("no drift: every undelivered event is already in the ledger")
+        print("no missing events: every undelivered event is already in the ledger")
+    if not report["objects_complete"]:
+        print("PaymentIntent check skipped or incomplete (request budget or Stripe error)")
+    else:
+        print(
+            f"{report['objects_checked']} PaymentIntent(s) of the window compared with payments: "
+            f"{len(report['object_drift'])} settled one(s) differ"
+        )
+        for d in report["object_drift"]:
+            print(f"  {d['object']}: Stripe {d['stripe']}, paybus {d['paybus']}")
+        if report["object_drift"] and report["pushed"]:
+            print("  (events pushed just now may still be on their way; run again in a minute)")
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:

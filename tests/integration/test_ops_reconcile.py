@@ -21,8 +21,14 @@ from tests.support import free_port
 class FakeEvents:
     """`GET /v1/events` with Stripe's list shape, `starting_after` paging and an optional 429 first."""
 
-    def __init__(self, events: list[dict[str, Any]], rate_limit_first: bool = False) -> None:
+    def __init__(
+        self,
+        events: list[dict[str, Any]],
+        rate_limit_first: bool = False,
+        intents: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.events = sorted(events, key=lambda e: -int(e["created"]))  # newest first, like Stripe
+        self.intents = intents or []
         self.requests: list[dict[str, str]] = []
         self.rate_limit_first = rate_limit_first
 
@@ -34,8 +40,11 @@ class FakeEvents:
                 {"error": {"type": "rate_limit_error"}}, status=429, headers={"Retry-After": "0"}
             )
         gte = int(request.query["created[gte]"])
-        assert request.query["delivery_success"] == "false"
-        chosen = [e for e in self.events if e["created"] >= gte]
+        if request.path == "/v1/payment_intents":
+            chosen = [i for i in self.intents if i["created"] >= gte]
+        else:
+            assert request.query["delivery_success"] == "false"
+            chosen = [e for e in self.events if e["created"] >= gte]
         after = request.query.get("starting_after")
         if after:
             chosen = chosen[[e["id"] for e in chosen].index(after) + 1 :]
@@ -54,6 +63,7 @@ async def fake_stripe() -> AsyncIterator[tuple[str, list[FakeEvents]]]:
 
     app = web.Application()
     app.router.add_get("/v1/events", handler)
+    app.router.add_get("/v1/payment_intents", handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
@@ -82,8 +92,18 @@ async def test_reconcile_pages_through_undelivered_events_and_pushes_only_the_mi
     now = int(time.time())
     events = _events(230, now)
     old = samples.sample_event("payment_intent.created", created=now - 5 * 86_400)  # outside the window
-    holder.append(FakeEvents([*events, old], rate_limit_first=True))
+    right, wrong, unknown, open_ = (
+        samples.payment_intent(status=s) for s in ("succeeded", "canceled", "succeeded", "processing")
+    )
+    for intent in (right, wrong, unknown, open_):
+        intent["created"] = now - 7200
+    holder.append(FakeEvents([*events, old], rate_limit_first=True, intents=[right, wrong, unknown, open_]))
     await _store(conn, events[:80])  # these arrived after all
+    for intent, status in ((right, "succeeded"), (wrong, "failed"), (open_, "open")):
+        await conn.execute(
+            "INSERT INTO payments (stripe_payment_intent_id, amount, status) VALUES (%s, 100, %s)",
+            (intent["id"], status),
+        )
     amqp = make_vhost()
     await declare(amqp)
     env = env_for(database, amqp, STRIPE_API_BASE=base, STRIPE_SECRET_KEY="sk_test_reconcile")
@@ -96,9 +116,13 @@ async def test_reconcile_pages_through_undelivered_events_and_pushes_only_the_mi
     assert {m["id"] for m in report["missing"]} == {e["id"] for e in events[80:]}
     assert len(report["pushed"]) == 150 and report["errors"] == {}
     fake = holder[0]
-    assert len(fake.requests) == report["requests"] == 4  # one 429, then three pages of 100
+    assert len(fake.requests) == report["requests"] == 5  # one 429, three pages of events, one of intents
+    assert report["objects_checked"] == 4 and report["objects_complete"] is True
+    assert sorted((d["object"], d["stripe"], d["paybus"]) for d in report["object_drift"]) == sorted(
+        [(wrong["id"], "canceled", "failed"), (unknown["id"], "succeeded", "missing")]
+    )  # an intent still processing is not drift
     assert abs(int(fake.requests[0]["created[gte]"]) - (now - 3 * 86_400)) < 60
-    assert "starting_after" in fake.requests[-1]
+    assert "starting_after" in fake.requests[-2]
 
     pushed = await drain(amqp, EVENTS_QUEUE)
     assert sorted(json.loads(m.body)["id"] for m in pushed) == sorted(e["id"] for e in events[80:])
