@@ -17,7 +17,7 @@ from shared import samples
 from shared.amqp import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, EVENTS_QUEUE
 from tests.chaos.toolkit import PAYBUS, declare, drain, paybus
 from tests.conftest import env_for
-from tests.support import queue_depth
+from tests.support import queue_depth, wait_for
 
 
 async def _dead_letters(amqp: str, specs: list[tuple[str, str]]) -> list[dict[str, Any]]:
@@ -169,10 +169,14 @@ async def test_requeue_killed_at_random_points_loses_no_message(database: str, m
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
             kills += 1
-        if await queue_depth(amqp, DEAD_LETTER_QUEUE) == 0:
+
+        async def all_somewhere() -> bool:  # still dead, or requeued (perhaps both): never gone
+            dead, requeued = await queue_depth(amqp, DEAD_LETTER_QUEUE), await queue_depth(amqp, EVENTS_QUEUE)
+            return dead + requeued >= len(expected)
+
+        await wait_for(all_somewhere, timeout=10)  # once the broker has taken back the unacked ones
+        if kills >= 5 or await queue_depth(amqp, DEAD_LETTER_QUEUE) == 0:
             break
-        # every message is somewhere after each kill: still dead, or requeued (perhaps both)
-        await asyncio.sleep(0.2)  # the broker returns the killed client's unacked messages
     assert kills >= 3, "the random kills should interrupt several runs"
     code, _, _ = await paybus("dlq", "requeue", env=env)  # finish what the killed runs left
     assert code == 0
