@@ -9,7 +9,7 @@ import pytest
 from processor.schema import NEWEST_KNOWN_API_VERSION, unknown_schema
 from shared.amqp import DEAD_LETTER_QUEUE, EVENTS_QUEUE, retry_queue_name, retry_tiers, topology
 from shared.ops.common import UsageError, parse_since
-from shared.ops.inspect import entitlement_status
+from shared.ops.lookup import entitlement_status
 
 
 def test_known_older_and_missing_api_versions_are_accepted() -> None:
