@@ -150,6 +150,14 @@ class PrivateRabbit:
         if self.proc is not None:
             self.proc.wait(timeout=60)
 
+    def kill(self) -> None:
+        """SIGKILL the Erlang VM: a crash, not a shutdown (confirmed messages must survive it)."""
+        pid = int((self.base / "pid").read_text().strip())
+        os.kill(pid, 9)
+        if self.proc is not None:
+            self.proc.wait(timeout=60)
+        _wait(lambda: not _port_open(self.port), 30, "rabbitmq gone")
+
     def destroy(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             subprocess.run(
