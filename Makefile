@@ -36,6 +36,11 @@ typecheck: install
 
 check: lint typecheck test
 
+# ≥10,000 events through private RabbitMQ and Postgres instances while they and the processor are
+# killed and restarted (6-8 min on two busy shared cores). Not part of `make test`.
+chaos: install services
+	PAYBUS_CHAOS=1 $(BIN)/python -m pytest -q -s tests/chaos --timeout 900 $(PYTEST_ARGS)
+
 bench: install services
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 

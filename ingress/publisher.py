@@ -96,9 +96,9 @@ class Publisher:
                 message, routing_key=routing_key, mandatory=True, timeout=self._timeout
             )
         except Exception as exc:  # timeout, nack, return, closed channel: all mean "not durable"
-            raise PublishFailed(type(exc).__name__) from exc
+            raise PublishFailed(exc.__class__.__name__) from exc  # `type` is a parameter here
         if not isinstance(confirmation, Basic.Ack):
-            raise PublishFailed(f"broker answered {type(confirmation).__name__}")
+            raise PublishFailed(f"broker answered {confirmation.__class__.__name__}")
 
     async def close(self) -> None:
         if self._connector is not None:

@@ -1,13 +1,21 @@
 """aio-pika glue for the event queue: bounded concurrency, ack after commit, retry, dead-letter.
 
-Each delivery runs in its own task (at most `prefetch` at once) with its own transaction. The message
-is acked only after COMMIT; a crash before that redelivers it and the ledger absorbs the duplicate.
+Each delivery runs in its own task (at most `prefetch` at once: the broker sends no more unacked
+messages) with its own transaction. The message is acked only after COMMIT; a crash before that
+redelivers it and the ledger absorbs the duplicate.
+
+While Postgres is down nothing is acked, nothing is returned and nothing is dead-lettered: the consumer
+is cancelled so no new work arrives, and the few messages already in hand wait in memory until the
+database answers again. Returning them instead would count as a failed delivery on RabbitMQ before 4.3,
+and a long or flapping outage would then push healthy messages over the queue's delivery limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -15,11 +23,11 @@ from typing import Any, Final
 import aio_pika
 import psycopg
 import psycopg_pool
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, ConsumerTag
 from pamqp.commands import Basic
 
 from processor.errors import DatabaseUnavailable, Reject, Retry
-from shared.amqp import DEAD_LETTER_EXCHANGE, RETRY_EXCHANGE, retry_queue_name
+from shared.amqp import DEAD_LETTER_EXCHANGE, RETRY_EXCHANGE, retry_queue_name, retry_tiers
 from shared.telemetry import ProcessorMetrics
 
 log = logging.getLogger("paybus.processor")
@@ -28,14 +36,36 @@ H_ATTEMPTS: Final = "x-paybus-attempts"
 H_REASON: Final = "x-paybus-reason"
 H_ERROR: Final = "x-paybus-error"
 H_FIRST_FAILED: Final = "x-paybus-first-failed-at"
+H_DEAD_LETTERED: Final = "x-paybus-dead-lettered-at"
 H_ORIGINAL_EXCHANGE: Final = "x-paybus-original-exchange"
 H_ORIGINAL_KEY: Final = "x-paybus-original-routing-key"
 H_ORIGINAL_QUEUE: Final = "x-paybus-original-queue"
+H_REQUEUED_AT: Final = "x-paybus-requeued-at"
+# Written by the broker; stale on a copy we publish ourselves (our own headers are the record).
+BROKER_HEADERS: Final = frozenset(
+    {
+        "x-death",
+        "x-delivery-count",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
 
 # Errors that mean "the database is not there", as opposed to "this message is bad".
-DB_DOWN_ERRORS: Final = (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg.errors.AdminShutdown)
+DB_DOWN_ERRORS: Final = (
+    psycopg.OperationalError,
+    psycopg_pool.PoolTimeout,
+    psycopg.errors.AdminShutdown,
+    DatabaseUnavailable,
+)
 # Lock conflicts between concurrent transactions: safe to run again at once.
 CONFLICT_ERRORS: Final = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+CONFLICT_RUNS: Final = 5
+DB_WATCH_SECONDS: Final = 2.0
 
 MessageWork = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
@@ -44,10 +74,8 @@ def _header(message: AbstractIncomingMessage, name: str) -> Any:
     return (message.headers or {}).get(name)
 
 
-def _text(value: Any) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value if isinstance(value, str) else None
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
 
 
 class Forwarder:
@@ -59,11 +87,13 @@ class Forwarder:
         queue_name: str,
         delays_ms: tuple[int, ...],
         metrics: ProcessorMetrics | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._metrics = metrics or ProcessorMetrics()
         self._channel = channel
         self._queue_name = queue_name
-        self._delays = delays_ms
+        self._tiers = retry_tiers(delays_ms)
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         self._retry: AbstractExchange | None = None
         self._dead: AbstractExchange | None = None
 
@@ -87,44 +117,50 @@ class Forwarder:
         )
 
     def _base_headers(self, message: AbstractIncomingMessage, error: str) -> dict[str, Any]:
-        headers = dict(message.headers or {})
+        headers = {k: v for k, v in (message.headers or {}).items() if k not in BROKER_HEADERS}
+        # Set once, on the first failure: a message coming back from a delay queue arrives through the
+        # default exchange, and the exchange and key to requeue to are the ones Stripe's event came by.
         headers.setdefault(H_ORIGINAL_EXCHANGE, message.exchange or "")
         headers.setdefault(H_ORIGINAL_KEY, message.routing_key or "")
         headers.setdefault(H_ORIGINAL_QUEUE, self._queue_name)
-        headers.setdefault(H_FIRST_FAILED, datetime.now(UTC).isoformat())
+        headers.setdefault(H_FIRST_FAILED, _now())
         headers[H_ERROR] = error[:500]
         return headers
 
     async def retry_or_dead_letter(self, message: AbstractIncomingMessage, error: str) -> str:
+        """Send to the next retry tier, or to the dead letters after the last one; say which."""
         attempts = int(_header(message, H_ATTEMPTS) or 0) + 1
         headers = self._base_headers(message, error)
         headers[H_ATTEMPTS] = attempts
-        if attempts > len(self._delays):
+        if attempts > len(self._tiers):
             headers[H_REASON] = "retries-exhausted"
+            headers[H_DEAD_LETTERED] = _now()
             await self._publish(self._dead, self._copy(message, headers), "")
             self._metrics.dead_letters.labels(self._queue_name, "retries-exhausted").inc()
             return "dead-lettered"
-        key = retry_queue_name(self._queue_name, self._delays[attempts - 1])
+        delay = self._rng.choice(self._tiers[attempts - 1])
+        key = retry_queue_name(self._queue_name, delay)
         await self._publish(self._retry, self._copy(message, headers), key)
         self._metrics.retries.labels(self._queue_name).inc()
-        return "retry"
+        return f"retry in {delay}ms"
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: str, error: str) -> None:
         headers = self._base_headers(message, error)
         headers[H_REASON] = reason
         headers[H_ATTEMPTS] = int(_header(message, H_ATTEMPTS) or 0) + 1
+        headers[H_DEAD_LETTERED] = _now()
         await self._publish(self._dead, self._copy(message, headers), "")
         self._metrics.dead_letters.labels(self._queue_name, reason).inc()
 
     async def _publish(self, exchange: AbstractExchange | None, message: aio_pika.Message, key: str) -> None:
         assert exchange is not None, "Forwarder.open() not called"
         confirmation = await exchange.publish(message, routing_key=key, mandatory=True, timeout=10)
-        if not isinstance(confirmation, Basic.Ack):
-            raise RuntimeError("retry/dead-letter publish not confirmed")
+        if not isinstance(confirmation, Basic.Ack):  # a returned (unroutable) message comes back here
+            raise RuntimeError(f"retry/dead-letter publish to {key or exchange.name!r} not confirmed")
 
 
 class Consumer:
-    """Runs ``work`` for every message of one queue; pauses while the database is down."""
+    """Runs ``work`` for every message of one queue; stops taking work while the database is down."""
 
     def __init__(
         self,
@@ -141,24 +177,31 @@ class Consumer:
         self._forwarder = forwarder
         self._db_check = db_check
         self._prefetch = prefetch
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._limit = asyncio.Semaphore(prefetch)
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.db_ready = asyncio.Event()
+        self._db_lost = asyncio.Event()
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
         queue = await self._channel.get_queue(self._queue_name, ensure=False)
         while not self._stopping.is_set():
             await self._wait_for_database()
-            async with queue.iterator() as it:
-                async for message in it:
-                    await self._limit.acquire()
-                    task = asyncio.create_task(self._handle(message))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-                    if not self.db_ready.is_set() or self._stopping.is_set():
-                        break  # closing the iterator cancels the consumer and returns buffered messages
-            await self._drain()
+            if self._stopping.is_set():
+                break
+            self._db_lost.clear()
+            try:
+                tag: ConsumerTag = await queue.consume(self._on_message)
+            except Exception as exc:  # channel being restored after a broker restart: try again soon
+                log.warning("could not start consuming (%s); retrying", type(exc).__name__)
+                await _first(asyncio.sleep(1), self._stopping.wait())
+                continue
+            await _first(self._db_lost.wait(), self._stopping.wait(), self._watch_database())
+            # No new deliveries from here on; the messages in hand stay unacked (they are not returned).
+            try:
+                await queue.cancel(tag)
+            except Exception as exc:  # channel gone: the broker returns everything by itself
+                log.warning("could not cancel consumer (%s)", type(exc).__name__)
+        await self._drain()
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -168,59 +211,110 @@ class Consumer:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    async def _database_up(self) -> bool:
+        try:
+            await self._db_check()
+        except DB_DOWN_ERRORS:
+            return False
+        return True
+
     async def _wait_for_database(self) -> None:
         delay = 0.2
         while not self._stopping.is_set():
-            try:
-                await self._db_check()
-            except DB_DOWN_ERRORS as exc:
-                self.db_ready.clear()
-                log.warning("database unavailable (%s); not taking work", type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            if not self.db_ready.is_set():
-                log.info("database available; taking work")
-            self.db_ready.set()
-            return
+            if await self._database_up():
+                if not self.db_ready.is_set():
+                    log.info("database available; taking work")
+                self.db_ready.set()
+                return
+            if self.db_ready.is_set() or delay == 0.2:
+                log.warning("database unavailable; not taking work")
+            self.db_ready.clear()
+            await _first(asyncio.sleep(delay), self._stopping.wait())
+            delay = min(delay * 2, 5.0)
+
+    async def _watch_database(self) -> None:
+        """Notice an outage while idle too, so readiness is honest before the next message fails."""
+        while True:
+            await asyncio.sleep(DB_WATCH_SECONDS)
+            if not await self._database_up():
+                self._database_lost()
+                return
+
+    def _database_lost(self) -> None:
+        if self.db_ready.is_set():
+            log.warning("database unavailable; pausing consumption, messages in hand wait unacked")
+        self.db_ready.clear()
+        self._db_lost.set()
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # aiormq runs each delivery callback in its own task; keep a handle so stop() can wait for it.
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._handle(message)
+        finally:
+            self._tasks.discard(task)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         try:
             await self._handle_one(message)
         except Exception:
-            # Only reachable when the broker connection is gone: the message is redelivered anyway.
+            # The broker connection is gone (the message is redelivered anyway), or a retry/dead-letter
+            # publish was not confirmed: return it, so the queue's delivery limit bounds the loop.
             log.exception("could not settle message")
-        finally:
-            self._limit.release()
+            with contextlib.suppress(Exception):  # channel closed: the broker has already requeued it
+                await message.nack(requeue=True)
 
     async def _handle_one(self, message: AbstractIncomingMessage) -> None:
-        for _ in range(5):
+        conflicts = 0
+        while True:
             try:
                 await self._work(message)
-                await message.ack()
-                return
             except CONFLICT_ERRORS:
-                continue  # the other transaction has committed or rolled back; go again
-            except (DatabaseUnavailable, *DB_DOWN_ERRORS) as exc:
-                self.db_ready.clear()
-                log.warning("database unavailable (%s); message returned to the queue", type(exc).__name__)
-                await message.nack(requeue=True)
-                return
+                conflicts += 1
+                if conflicts < CONFLICT_RUNS:
+                    continue  # the other transaction has committed or rolled back; go again
+                error = "lock conflicts persisted"
+            except DB_DOWN_ERRORS as exc:
+                if not await self._database_up():
+                    self._database_lost()
+                    await _first(self.db_ready.wait(), self._stopping.wait())
+                    if self.db_ready.is_set():
+                        continue  # same message, not counted as an attempt: it was not its fault
+                    return  # shutting down: leave it unacked, the broker returns it on close
+                if isinstance(exc, psycopg_pool.PoolTimeout):
+                    continue  # every pooled connection busy (load, not this message): wait again
+                # The database answers, so the failure belonged to this message (a statement
+                # timeout, say): a bounded retry, not an endless pause.
+                error = f"{type(exc).__name__}: {str(exc)[:300]}"
             except Reject as exc:
                 log.warning("dead-lettering message: %s (%s)", exc.reason, exc.detail)
                 await self._forwarder.dead_letter(message, exc.reason, exc.detail)
                 await message.ack()
                 return
             except Retry as exc:
-                outcome = await self._forwarder.retry_or_dead_letter(message, str(exc))
-                log.warning("transient failure, %s: %s", outcome, exc)
-                await message.ack()
-                return
+                error = str(exc)
             except Exception as exc:
                 # A bug or an unexpected payload: bounded retries, then the dead letters.
                 log.exception("processing failed")
-                await self._forwarder.retry_or_dead_letter(message, f"{type(exc).__name__}: {str(exc)[:300]}")
+                error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            else:
+                # Outside the try: an ack that fails (channel lost) is not a processing failure; the
+                # broker redelivers the message and the ledger absorbs it.
                 await message.ack()
                 return
-        await self._forwarder.retry_or_dead_letter(message, "lock conflicts persisted")
-        await message.ack()
+            outcome = await self._forwarder.retry_or_dead_letter(message, error)
+            log.warning("transient failure, %s: %s", outcome, error)
+            await message.ack()
+            return
+
+
+async def _first(*waits: Awaitable[Any]) -> None:
+    """Wait until the first of ``waits`` finishes; cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -18,11 +18,20 @@ Result = Literal["applied", "ignored", "stale", "duplicate"]
 _INSERT: Final = """
 INSERT INTO stripe_events (id, type, created, livemode, account, api_version, object_id, payload, received_at)
 VALUES (%s, %s, to_timestamp(%s), %s, %s, %s, %s, %s::jsonb, COALESCE(%s::timestamptz, now()))
-ON CONFLICT (id) DO UPDATE SET outcome = NULL, processed_at = NULL
- WHERE stripe_events.outcome = 'failed'
+ON CONFLICT (id) DO UPDATE
+   SET outcome = CASE WHEN stripe_events.outcome = 'failed' THEN NULL ELSE stripe_events.outcome END,
+       processed_at = CASE WHEN stripe_events.outcome = 'failed' THEN NULL
+                           ELSE stripe_events.processed_at END,
+       reapply_count = stripe_events.reapply_count + (stripe_events.reapply_requested_at IS NOT NULL)::int,
+       reapplied_at = CASE WHEN stripe_events.reapply_requested_at IS NOT NULL THEN now()
+                           ELSE stripe_events.reapplied_at END,
+       reapply_requested_at = NULL
+ WHERE stripe_events.outcome = 'failed' OR stripe_events.reapply_requested_at IS NOT NULL
 """
 # A dead-lettered event is recorded as `failed` so the audit log shows it; a later requeue or replay
 # may still apply it, which is why the insert above re-opens a `failed` row instead of skipping it.
+# It also re-opens a row marked by `paybus replay --force` (the mark is cleared in this transaction,
+# so only one delivery re-runs the handler); a re-run never downgrades an `applied` outcome.
 _RECORD_FAILED: Final = """
 INSERT INTO stripe_events (id, type, created, livemode, account, api_version, object_id, payload, outcome,
                            processed_at)
@@ -30,7 +39,12 @@ VALUES (%s, %s, to_timestamp(%s), %s, %s, %s, %s, %s::jsonb, 'failed', now())
 ON CONFLICT (id) DO UPDATE SET outcome = 'failed', processed_at = now()
  WHERE stripe_events.outcome IS NULL OR stripe_events.outcome = 'failed'
 """
-_FINISH: Final = "UPDATE stripe_events SET outcome = %s, user_id = %s, processed_at = now() WHERE id = %s"
+_FINISH: Final = """
+UPDATE stripe_events
+   SET outcome = CASE WHEN outcome = 'applied' THEN outcome ELSE %s END,
+       user_id = COALESCE(%s, user_id), processed_at = now()
+ WHERE id = %s
+"""
 
 
 def parse_event(body: bytes) -> Event:

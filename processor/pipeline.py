@@ -15,6 +15,7 @@ from processor.context import Context
 from processor.errors import Reject
 from processor.events import Handler
 from processor.ledger import Result, apply_event, parse_event, record_failed
+from processor.schema import unknown_schema
 from shared.envelope import H_RECEIVED_AT
 from shared.telemetry import ProcessorMetrics, extract
 
@@ -54,6 +55,9 @@ class EventPipeline:
         span = trace.get_current_span()
         span.set_attributes({"stripe.event_id": event.id, "stripe.event_type": event.type})
         try:
+            problem = unknown_schema(event.api_version)
+            if problem:
+                raise Reject("unknown-schema", problem)
             with self._tracer.start_as_current_span("db apply_event", kind=SpanKind.CLIENT) as db_span:
                 db_span.set_attributes({"db.system": "postgresql", "db.operation": "transaction"})
                 async with self._pool.connection() as conn, conn.transaction():

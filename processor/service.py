@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import aio_pika
+import psycopg
 from aio_pika.abc import AbstractChannel
 from aiohttp import web
 from opentelemetry import trace
@@ -82,6 +83,8 @@ async def serve(settings: Settings) -> None:
         open=False,
         timeout=5,
         kwargs={"autocommit": True},
+        # after a Postgres restart every pooled connection is dead: test on checkout, not on a message
+        check=AsyncConnectionPool.check_connection,
     )
     await pool.open(wait=False)
     connection = await aio_pika.connect_robust(
@@ -96,6 +99,7 @@ async def serve(settings: Settings) -> None:
     requests: RequestService | None = None
     try:
         setup = await connection.channel()
+        # with the configured delays: the Forwarder publishes to these delay queues by name
         await declare_topology(setup, topology(settings.retry_delays_ms))
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=settings.prefetch)
@@ -103,7 +107,10 @@ async def serve(settings: Settings) -> None:
         await forwarder.open()
 
         async def db_check() -> None:
-            async with pool.connection(timeout=2) as conn:
+            # its own connection, not the pool's: a pool busy under load must not look like an outage
+            async with await psycopg.AsyncConnection.connect(
+                settings.database_url, connect_timeout=3, autocommit=True
+            ) as conn:
                 await conn.execute("SELECT 1")
 
         pipeline = EventPipeline(pool, handlers(), ctx, metrics, tracer)

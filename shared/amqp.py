@@ -32,6 +32,16 @@ REQUEST_KINDS: Final = (
 # RabbitMQ itself (reason "delivery_limit") instead of crash-looping the processor forever.
 DELIVERY_LIMIT: Final = 20
 DEFAULT_RETRY_DELAYS_MS: Final = (1_000, 5_000, 30_000, 120_000, 600_000)
+# Jitter without per-message TTL: each tier is a few delay queues whose queue-level TTLs spread around
+# the tier's delay, and a failed message picks one at random. Per-message `expiration` would give true
+# random jitter but quorum queues only expire messages at the head, so one long TTL would hold back
+# every shorter one behind it (head-of-line blocking); uniform TTLs per queue cannot block each other.
+RETRY_JITTER: Final = (0.8, 1.0, 1.2)
+# The dead-letter queue is only ever read by `paybus dlq`, which peeks by taking messages and returning
+# them. Before RabbitMQ 4.3 every return counts as a delivery, and from 4.0 quorum queues default to a
+# delivery limit of 20 after which a message without a dead-letter exchange is *dropped*: a large
+# explicit limit keeps dead letters from vanishing after twenty `dlq list` runs.
+DEAD_LETTER_DELIVERY_LIMIT: Final = 1_000_000_000
 
 
 class Exchange(msgspec.Struct, frozen=True):
@@ -62,6 +72,11 @@ def retry_queue_name(work_queue: str, delay_ms: int) -> str:
     return f"paybus.retry.{work_queue.removeprefix('paybus.')}.{delay_ms}ms"
 
 
+def retry_tiers(retry_delays_ms: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """For each configured delay, the delays of its jittered queues (distinct, in milliseconds)."""
+    return tuple(tuple(sorted({max(1, round(delay * f)) for f in RETRY_JITTER})) for delay in retry_delays_ms)
+
+
 def _work_queue_arguments() -> dict[str, Any]:
     return {
         "x-queue-type": "quorum",
@@ -87,7 +102,7 @@ def topology(retry_delays_ms: Sequence[int] = DEFAULT_RETRY_DELAYS_MS) -> Topolo
     queues = [
         Queue(EVENTS_QUEUE, _work_queue_arguments()),
         Queue(REQUESTS_QUEUE, _work_queue_arguments()),
-        Queue(DEAD_LETTER_QUEUE, {"x-queue-type": "quorum"}),
+        Queue(DEAD_LETTER_QUEUE, {"x-queue-type": "quorum", "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT}),
     ]
     bindings = [
         Binding(EVENTS_EXCHANGE, EVENTS_QUEUE, "#"),
@@ -95,8 +110,9 @@ def topology(retry_delays_ms: Sequence[int] = DEFAULT_RETRY_DELAYS_MS) -> Topolo
         Binding(REQUESTS_UNROUTED_EXCHANGE, REQUESTS_QUEUE, ""),
         Binding(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, ""),
     ]
+    delays = sorted({delay for tier in retry_tiers(retry_delays_ms) for delay in tier})
     for work_queue in (EVENTS_QUEUE, REQUESTS_QUEUE):
-        for delay in retry_delays_ms:
+        for delay in delays:
             name = retry_queue_name(work_queue, delay)
             # A delay queue has no consumer: its TTL expires the message back to the work queue
             # through the default exchange, so the original exchange and routing key are untouched.

@@ -174,9 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--user", help="user UUID to put in metadata.user_id (default: a new one)")
     send.set_defaults(func=cmd_send_event)
 
+    from shared.ops import dlq, inspect, reconcile, replay  # operator tools (shared/ops/)
     from shared.request_cli import add_request_command
 
     add_request_command(sub)
+    for tool in (dlq, replay, reconcile, inspect):
+        tool.register(sub)
     return parser
 
 

@@ -168,6 +168,9 @@ async def test_subscription_checkout_returns_a_url_and_its_webhooks_are_mapped_t
 
 
 def test_paybus_request_prints_the_reply(system: PaybusWithFake) -> None:
+    from tests.e2e.test_observability import _scrape
+
+    before = _scrape(system.ingress.env["METRICS_PORT"])  # the stack is shared with other tests
     user, key = str(uuid.uuid4()), unique("cli")
     command = [
         str(Path(sys.executable).parent / "paybus"),
@@ -203,13 +206,15 @@ def test_paybus_request_prints_the_reply(system: PaybusWithFake) -> None:
     assert error["code"] == "invalid_request" and "$.amount" in error["message"]
 
     # the processor's /metrics counted them: two answered ok (the second from the stored reply), one refused
-    from tests.e2e.test_observability import _scrape
+    after = _scrape(system.ingress.env["METRICS_PORT"])
 
-    metrics = _scrape(system.ingress.env["METRICS_PORT"])
+    def moved(name: str, labels: tuple[tuple[str, str], ...]) -> float:
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+
     kind = ("kind", "checkout_session.create")
-    assert metrics[("paybus_payment_requests_total", (kind, ("outcome", "ok")))] == 2
-    assert metrics[("paybus_payment_requests_total", (kind, ("outcome", "invalid_request")))] == 1
-    assert metrics[("paybus_stripe_api_seconds_count", (("operation", "checkout session create"),))] >= 1
+    assert moved("paybus_payment_requests_total", (kind, ("outcome", "ok"))) == 2
+    assert moved("paybus_payment_requests_total", (kind, ("outcome", "invalid_request"))) == 1
+    assert moved("paybus_stripe_api_seconds_count", (("operation", "checkout session create"),)) == 1
 
 
 async def rows_for(conn: Conn, key: str, session_ids: set[str]) -> tuple[int, int]:
