@@ -16,6 +16,7 @@ from processor.catalog import load_catalog
 from processor.consumer import Consumer, Forwarder
 from processor.context import Context
 from processor.events import handlers
+from processor.outbox import OutboxRelay
 from processor.pipeline import EventPipeline
 from shared.amqp import EVENTS_QUEUE, declare_topology
 from shared.config import Settings
@@ -80,6 +81,8 @@ async def serve(settings: Settings) -> None:
         await web.TCPSite(runner, settings.ingress_host, settings.metrics_port).start()
         log.info("processor consuming %s; health on :%d", EVENTS_QUEUE, settings.metrics_port)
         consuming = asyncio.create_task(events.run())
+        relay = OutboxRelay(pool, await connection.channel(publisher_confirms=True), settings.database_url)
+        relaying = asyncio.create_task(relay.run())
         stopped = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({consuming, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if consuming in done:
@@ -87,6 +90,9 @@ async def serve(settings: Settings) -> None:
         log.info("processor stopping: finishing in-flight messages")
         await events.stop()
         consuming.cancel()
+        relay.stop()
+        await asyncio.wait({relaying}, timeout=5)
+        relaying.cancel()
     finally:
         if runner is not None:
             await runner.cleanup()
