@@ -1,3 +1,5 @@
+DROP TRIGGER outbox_notify ON outbox;
+DROP FUNCTION outbox_notify();
 DROP INDEX entitlements_user_idx;
 DROP INDEX disputes_charge_idx;
 DROP INDEX subscriptions_unmapped_idx;

@@ -34,3 +34,12 @@ CREATE INDEX invoices_unmapped_idx ON invoices (created_at) WHERE user_id IS NUL
 CREATE INDEX subscriptions_unmapped_idx ON subscriptions (created_at) WHERE user_id IS NULL;
 CREATE INDEX disputes_charge_idx ON disputes (stripe_charge_id);
 CREATE INDEX entitlements_user_idx ON entitlements (user_id);
+
+-- The outbox relay LISTENs on this channel: one wake-up per transaction that wrote outbox rows
+-- (Postgres folds identical notifications of one transaction), delivered at commit.
+CREATE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('paybus_outbox', '');
+    RETURN NULL;
+END $$;
+CREATE TRIGGER outbox_notify AFTER INSERT ON outbox FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify();

@@ -4,7 +4,8 @@ The relay claims unpublished rows with `FOR UPDATE SKIP LOCKED` (several process
 without publishing the same row twice at once), publishes them to `paybus.events` with publisher
 confirms, and marks them published in the same transaction. A crash between confirm and commit
 publishes a row again after restart: at-least-once, and consumers dedupe on the stable `message_id`.
-It wakes on `NOTIFY paybus_outbox` (sent by `emit`, delivered at commit) and polls as a fallback.
+It wakes on `NOTIFY paybus_outbox` (sent by a trigger on `outbox`, so by any writer, and delivered at
+commit) and polls as a fallback.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ async def emit(conn: AsyncConnection[Any], event: domain_events.DomainEvent) -> 
     """Store ``event`` in the outbox; it is published only if the surrounding transaction commits."""
     tag = event.__struct_config__.tag
     await conn.execute(_INSERT, (event.id, tag, event.user_id, domain_events.encode(event).decode()))
-    await conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+    # The insert trigger (migration 0004) sends NOTIFY paybus_outbox, delivered at commit.
 
 
 class OutboxRelay:
