@@ -90,7 +90,7 @@ def for_subscription(s: SubscriptionFacts, catalog: Catalog, grace: timedelta) -
 
 
 _ROWS: Final = """
-SELECT id, user_id::text, feature, active, expires_at FROM entitlements
+SELECT id, user_id::text, feature, active, expires_at, product, reason FROM entitlements
  WHERE source_type = %s AND source_id = %s ORDER BY id FOR UPDATE
 """
 _GRANT: Final = """
@@ -123,9 +123,15 @@ async def sync(
     rows = await (await conn.execute(_ROWS, (source_type, source_id))).fetchall()
     wanted = set(grant.features) if user_id else set()
     current = {}
-    for row_id, row_user, feature, active, expires_at in rows:
+    for row_id, row_user, feature, active, expires_at, product, reason in rows:
         if row_user == user_id and feature in wanted:
             current[feature] = (active, expires_at)
+            if active and grant.active and (product, reason) != (grant.product, grant.reason):
+                # Same access, other label (a plan change keeping this feature, trial -> active): no event.
+                await conn.execute(
+                    "UPDATE entitlements SET product = %s, reason = %s, updated_at = now() WHERE id = %s",
+                    (grant.product, grant.reason, row_id),
+                )
         elif active:
             await conn.execute(_REVOKE, ("product-changed", row_id))
             await _revoked(
