@@ -94,7 +94,8 @@ SELECT id, user_id::text, feature, active, expires_at, product, reason FROM enti
  WHERE source_type = %s AND source_id = %s ORDER BY id FOR UPDATE
 """
 _GRANT: Final = """
-INSERT INTO entitlements (user_id, feature, source_type, source_id, product, active, reason, granted_at, expires_at)
+INSERT INTO entitlements (user_id, feature, source_type, source_id, product, active, reason, granted_at,
+                          expires_at)
 VALUES (%(user)s, %(feature)s, %(type)s, %(source)s, %(product)s, true, %(reason)s, now(), %(expires)s)
 ON CONFLICT (user_id, feature, source_id) DO UPDATE
    SET active = true, reason = EXCLUDED.reason, product = EXCLUDED.product, expires_at = EXCLUDED.expires_at,

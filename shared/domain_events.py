@@ -83,7 +83,7 @@ class EntitlementRevoked(DomainEvent, frozen=True, kw_only=True, tag="entitlemen
     source_id: str
     product: str | None
     reason: str
-    """Why: `canceled`, `unpaid`, `paused`, `incomplete_expired`, `refunded`, `dispute-lost`, `product-changed`, …"""
+    """Why: an ending status (`canceled`, `unpaid`, …), `refunded`, `dispute-lost` or `product-changed`."""
 
 
 AnyDomainEvent = (

@@ -80,7 +80,8 @@ async def link_orphans(
     for (sub_id,) in subs:
         await subscriptions.derive(conn, sub_id, ctx, at)
     invoices = await conn.execute(
-        "UPDATE invoices SET user_id = %s, updated_at = now() WHERE stripe_customer_id = %s AND user_id IS NULL",
+        "UPDATE invoices SET user_id = %s, updated_at = now()"
+        " WHERE stripe_customer_id = %s AND user_id IS NULL",
         (user_id, customer),
     )
     return bool(rows or subs or invoices.rowcount)

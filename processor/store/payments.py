@@ -123,11 +123,12 @@ async def _insert(conn: AsyncConnection[Any], upd: PaymentUpdate) -> dict[str, A
     row = await (
         await cur.execute(
             """
-            INSERT INTO payments (user_id, stripe_payment_intent_id, stripe_checkout_session_id, stripe_customer_id,
-                                  subscription_id, mode, amount, currency, status, product, last_error, metadata,
-                                  status_event_created, status_rank, paid_at)
-            VALUES (%(user_id)s, %(intent)s, %(session)s, %(customer)s, %(subscription)s, %(mode)s, %(amount)s,
-                    %(currency)s, %(status)s, %(product)s, %(error)s, %(metadata)s, %(created)s, %(rank)s,
+            INSERT INTO payments (user_id, stripe_payment_intent_id, stripe_checkout_session_id,
+                                  stripe_customer_id, subscription_id, mode, amount, currency, status,
+                                  product, last_error, metadata, status_event_created, status_rank, paid_at)
+            VALUES (%(user_id)s, %(intent)s, %(session)s, %(customer)s, %(subscription)s, %(mode)s,
+                    %(amount)s, %(currency)s, %(status)s, %(product)s, %(error)s, %(metadata)s, %(created)s,
+                    %(rank)s,
                     CASE WHEN %(status)s = 'succeeded' THEN to_timestamp(%(created)s) END)
             RETURNING *
             """,
@@ -205,7 +206,8 @@ WITH p AS (SELECT * FROM payments WHERE id = %(id)s),
      ch AS (SELECT c.id, c.amount_refunded FROM charges c, p
              WHERE c.stripe_payment_intent_id = p.stripe_payment_intent_id),
      d AS (SELECT d.status FROM disputes d, p
-            WHERE d.stripe_payment_intent_id = p.stripe_payment_intent_id OR d.stripe_charge_id IN (SELECT id FROM ch))
+            WHERE d.stripe_payment_intent_id = p.stripe_payment_intent_id
+               OR d.stripe_charge_id IN (SELECT id FROM ch))
 SELECT GREATEST(
          p.amount_refunded,
          COALESCE((SELECT max(amount_refunded) FROM ch), 0),
@@ -236,7 +238,8 @@ async def settle(
     row = await (
         await cur.execute(
             """
-            UPDATE payments SET amount_refunded = %(amount_refunded)s, dispute_status = %(dispute_status)s::text,
+            UPDATE payments SET amount_refunded = %(amount_refunded)s,
+                                dispute_status = %(dispute_status)s::text,
                                 disputed = %(dispute_status)s::text IS NOT NULL, updated_at = now()
              WHERE id = %(id)s RETURNING *
             """,

@@ -97,8 +97,8 @@ async def apply(
                     current_period_start, current_period_end, cancel_at_period_end, canceled_at, ended_at,
                     trial_end, metadata, status_event_created, status_rank)
                 VALUES (%(id)s, %(user_id)s, %(customer)s, %(status)s, %(price_id)s, %(product)s,
-                    %(current_period_start)s, %(current_period_end)s, %(cancel_at_period_end)s, %(canceled_at)s,
-                    %(ended_at)s, %(trial_end)s, %(metadata)s, %(created)s, %(rank)s)
+                    %(current_period_start)s, %(current_period_end)s, %(cancel_at_period_end)s,
+                    %(canceled_at)s, %(ended_at)s, %(trial_end)s, %(metadata)s, %(created)s, %(rank)s)
                 RETURNING *
                 """,
                 {

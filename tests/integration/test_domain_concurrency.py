@@ -27,8 +27,9 @@ SUBSCRIPTIONS = 3
 
 
 def lifecycle_events(u: str, cus: str, t: int) -> tuple[list[dict[str, Any]], list[str], list[str]]:
-    events: list[dict[str, Any]] = [samples.event("customer.created", samples.customer(customer_id=cus, user_id=u),
-                                                  created=t)]
+    events: list[dict[str, Any]] = [
+        samples.event("customer.created", samples.customer(customer_id=cus, user_id=u), created=t)
+    ]
     intents = [samples.new_id("pi") for _ in range(PAYMENTS)]
     for number, pi in enumerate(intents):
         ch = samples.new_id("ch")
@@ -40,28 +41,47 @@ def lifecycle_events(u: str, cus: str, t: int) -> tuple[list[dict[str, Any]], li
             samples.event("payment_intent.created", intent("requires_payment_method"), created=t),
             samples.event("payment_intent.payment_failed", intent("requires_payment_method"), created=t),
             samples.event("payment_intent.succeeded", intent("succeeded"), created=t),
-            samples.event("charge.succeeded", samples.charge(charge_id=ch, intent_id=pi, customer=cus), created=t),
+            samples.event(
+                "charge.succeeded", samples.charge(charge_id=ch, intent_id=pi, customer=cus), created=t
+            ),
             samples.event("refund.created", samples.refund(charge_id=ch, amount=10000), created=t + 1),
-            samples.event("charge.refunded", samples.charge(charge_id=ch, intent_id=pi, customer=cus,
-                                                            amount_refunded=10000), created=t + 1),
+            samples.event(
+                "charge.refunded",
+                samples.charge(charge_id=ch, intent_id=pi, customer=cus, amount_refunded=10000),
+                created=t + 1,
+            ),
         ]
         if number % 2 == 0:  # half were bought through Checkout: session and PaymentIntent share one row
-            events.append(samples.event("checkout.session.completed", samples.checkout_session(
-                intent_id=pi, customer=cus, product="course_bundle"), created=t))
+            events.append(
+                samples.event(
+                    "checkout.session.completed",
+                    samples.checkout_session(intent_id=pi, customer=cus, product="course_bundle"),
+                    created=t,
+                )
+            )
     subs = [samples.new_id("sub") for _ in range(SUBSCRIPTIONS)]
     for sub in subs:
+
         def subscription(status: str, sub: str = sub, **extra: Any) -> dict[str, Any]:
-            return samples.subscription(subscription_id=sub, customer=cus, status=status, period_start=t, **extra)
+            return samples.subscription(
+                subscription_id=sub, customer=cus, status=status, period_start=t, **extra
+            )
 
         events += [
-            samples.event("customer.subscription.created", subscription("trialing", trial_end=t + 1), created=t),
+            samples.event(
+                "customer.subscription.created", subscription("trialing", trial_end=t + 1), created=t
+            ),
             samples.event("customer.subscription.updated", subscription("active"), created=t),
             samples.event("customer.subscription.updated", subscription("past_due"), created=t),
-            samples.event("invoice.payment_failed", samples.invoice(subscription_id=sub, customer=cus, status="open"),
-                          created=t),
+            samples.event(
+                "invoice.payment_failed",
+                samples.invoice(subscription_id=sub, customer=cus, status="open"),
+                created=t,
+            ),
             samples.event("customer.subscription.updated", subscription("active"), created=t + 1),
-            samples.event("customer.subscription.deleted", subscription("canceled", canceled_at=t + 2),
-                          created=t + 2),
+            samples.event(
+                "customer.subscription.deleted", subscription("canceled", canceled_at=t + 2), created=t + 2
+            ),
         ]
     return events, intents, subs
 
@@ -82,8 +102,10 @@ async def test_two_processors_on_one_queue_reach_the_in_order_state(
         await declare_topology(channel)
         exchange = await channel.get_exchange(EVENTS_EXCHANGE)
         for envelope in deliveries:  # queued first, so both processors start with a full queue
-            await exchange.publish(aio_pika.Message(samples.encode(envelope), content_type="application/json"),
-                                   routing_key=envelope["type"])
+            await exchange.publish(
+                aio_pika.Message(samples.encode(envelope), content_type="application/json"),
+                routing_key=envelope["type"],
+            )
     processors = [
         Service("processor", env_for(database, amqp, PROCESSOR_PREFETCH="16"), tmp_path / f"p{n}.log").start()
         for n in range(2)
@@ -92,8 +114,9 @@ async def test_two_processors_on_one_queue_reach_the_in_order_state(
         ids = [e["id"] for e in events]
 
         async def all_processed() -> bool:
-            done = await rows(conn, "SELECT outcome FROM stripe_events WHERE id = ANY(%s) AND outcome IS NOT NULL",
-                              ids)
+            done = await rows(
+                conn, "SELECT outcome FROM stripe_events WHERE id = ANY(%s) AND outcome IS NOT NULL", ids
+            )
             return len(done) == len(ids)
 
         await wait_for(all_processed, timeout=90)
@@ -103,20 +126,34 @@ async def test_two_processors_on_one_queue_reach_the_in_order_state(
         logs = [p.log() for p in processors]
         for processor in processors:
             processor.stop()
-    outcomes = await rows(conn, "SELECT outcome, count(*) FROM stripe_events WHERE id = ANY(%s) GROUP BY outcome", ids)
+    outcomes = await rows(
+        conn, "SELECT outcome, count(*) FROM stripe_events WHERE id = ANY(%s) GROUP BY outcome", ids
+    )
     assert {r["outcome"] for r in outcomes} <= {"applied", "stale"}, outcomes
     assert await queue_depth(amqp, DEAD_LETTER_QUEUE) == 0
     for log in logs:
-        assert "UniqueViolation" not in log and "DeadlockDetected" not in log and "Traceback" not in log, log[-3000:]
+        assert "UniqueViolation" not in log and "DeadlockDetected" not in log and "Traceback" not in log, log[
+            -3000:
+        ]
 
-    payments = await rows(conn, "SELECT stripe_payment_intent_id, stripe_checkout_session_id, status, amount_refunded,"
-                                " user_id::text FROM payments WHERE stripe_customer_id = %s", cus)
+    payments = await rows(
+        conn,
+        "SELECT stripe_payment_intent_id, stripe_checkout_session_id, status, amount_refunded,"
+        " user_id::text FROM payments WHERE stripe_customer_id = %s",
+        cus,
+    )
     assert sorted(p["stripe_payment_intent_id"] for p in payments) == sorted(intents)  # one row per payment
     assert sum(p["stripe_checkout_session_id"] is not None for p in payments) == PAYMENTS // 2
     assert {(p["status"], p["amount_refunded"], p["user_id"]) for p in payments} == {("succeeded", 10000, u)}
-    subscriptions = await rows(conn, "SELECT id, status, user_id::text FROM subscriptions WHERE stripe_customer_id = %s",
-                               cus)
+    subscriptions = await rows(
+        conn, "SELECT id, status, user_id::text FROM subscriptions WHERE stripe_customer_id = %s", cus
+    )
     assert sorted((s["id"], s["status"], s["user_id"]) for s in subscriptions) == sorted(
-        (sub, "canceled", u) for sub in subs)
-    active = await rows(conn, "SELECT feature, source_type FROM entitlements WHERE user_id = %s AND active", u)
-    assert sorted((a["feature"], a["source_type"]) for a in active) == [("course:bundle", "payment")] * PAYMENTS
+        (sub, "canceled", u) for sub in subs
+    )
+    active = await rows(
+        conn, "SELECT feature, source_type FROM entitlements WHERE user_id = %s AND active", u
+    )
+    assert (
+        sorted((a["feature"], a["source_type"]) for a in active) == [("course:bundle", "payment")] * PAYMENTS
+    )

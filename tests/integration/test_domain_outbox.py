@@ -1,4 +1,4 @@
-"""The outbox: one domain event per real change, relayed to `paybus.events` with confirms, also after a restart."""
+"""The outbox: one domain event per real change, relayed with confirms, also after a restart."""
 
 from __future__ import annotations
 
@@ -37,10 +37,10 @@ async def listener(vhost: str) -> AsyncIterator[tuple[str, aio_pika.abc.Abstract
         yield url, queue
 
 
-async def drain(queue: aio_pika.abc.AbstractQueue, want: set[str], timeout: float = 20) -> dict[str, Any]:
+async def drain(queue: aio_pika.abc.AbstractQueue, want: set[str], within: float = 20) -> dict[str, Any]:
     """Consume until every outbox id in ``want`` arrived; return {message_id: (routing key, message)}."""
     seen: dict[str, Any] = {}
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while not want <= seen.keys():
         assert time.monotonic() < deadline, f"missing domain events: {sorted(want - seen.keys())}"
         message = await queue.get(fail=False, no_ack=True)
@@ -57,8 +57,11 @@ async def test_only_real_changes_are_announced_never_duplicates_or_stale_events(
     u, sub, t = user(), samples.new_id("sub"), int(time.time())
 
     def event(event_type: str, status: str, created: int, **extra: Any) -> dict[str, Any]:
-        return samples.event(event_type, samples.subscription(subscription_id=sub, user_id=u, status=status,
-                                                              period_start=t, **extra), created=created)
+        return samples.event(
+            event_type,
+            samples.subscription(subscription_id=sub, user_id=u, status=status, period_start=t, **extra),
+            created=created,
+        )
 
     trialing = event("customer.subscription.created", "trialing", t, trial_end=t + 86400)
     active = event("customer.subscription.updated", "active", t + 1)
@@ -68,14 +71,25 @@ async def test_only_real_changes_are_announced_never_duplicates_or_stale_events(
     await deliver(conn, event("customer.subscription.updated", "active", t + 2))  # newer, nothing new to say
     await deliver(conn, event("customer.subscription.deleted", "canceled", t + 3, canceled_at=t + 3))
     assert await outbox_types(conn, u) == [
-        "subscription.updated", "entitlement.granted", "entitlement.granted",  # trialing: access starts
+        "subscription.updated",
+        "entitlement.granted",
+        "entitlement.granted",  # trialing: access starts
         "subscription.updated",  # trialing -> active: access unchanged
-        "subscription.updated", "entitlement.revoked", "entitlement.revoked",  # canceled
+        "subscription.updated",
+        "entitlement.revoked",
+        "entitlement.revoked",  # canceled
     ]
-    payloads = await rows(conn, "SELECT id::text, event_type, payload FROM outbox WHERE user_id = %s ORDER BY seq", u)
+    payloads = await rows(
+        conn, "SELECT id::text, event_type, payload FROM outbox WHERE user_id = %s ORDER BY seq", u
+    )
     first = domain_events.decode(samples.encode(payloads[0]["payload"]))
     assert isinstance(first, domain_events.SubscriptionUpdated)
-    assert (first.id, first.status, first.previous_status, first.user_id) == (payloads[0]["id"], "trialing", None, u)
+    assert (first.id, first.status, first.previous_status, first.user_id) == (
+        payloads[0]["id"],
+        "trialing",
+        None,
+        u,
+    )
 
 
 async def test_the_relay_publishes_each_row_once_with_its_id_as_message_id(
@@ -83,14 +97,25 @@ async def test_the_relay_publishes_each_row_once_with_its_id_as_message_id(
 ) -> None:
     url, queue = listener
     u = user()
-    await deliver(conn, samples.event("payment_intent.succeeded", samples.payment_intent(
-        user_id=u, status="succeeded", product="course_bundle")))
+    await deliver(
+        conn,
+        samples.event(
+            "payment_intent.succeeded",
+            samples.payment_intent(user_id=u, status="succeeded", product="course_bundle"),
+        ),
+    )
     ours = await rows(conn, "SELECT id::text, event_type FROM outbox WHERE user_id = %s", u)
     assert {r["event_type"] for r in ours} == {"payment.succeeded", "entitlement.granted"}
     connection = await aio_pika.connect(url)
-    async with connection, AsyncConnectionPool(database, min_size=1, max_size=2, open=False,
-                                               kwargs={"autocommit": True}) as pool:
-        relay = OutboxRelay(pool, await connection.channel(publisher_confirms=True), database, poll_interval=0.2)
+    async with (
+        connection,
+        AsyncConnectionPool(
+            database, min_size=1, max_size=2, open=False, kwargs={"autocommit": True}
+        ) as pool,
+    ):
+        relay = OutboxRelay(
+            pool, await connection.channel(publisher_confirms=True), database, poll_interval=0.2
+        )
         task = asyncio.create_task(relay.run())
         try:
             seen = await drain(queue, {r["id"] for r in ours})
@@ -121,16 +146,24 @@ async def test_rows_left_unrelayed_by_a_killed_processor_are_published_after_res
         processor.wait_ready(f"http://127.0.0.1:{env['METRICS_PORT']}/readyz")
         # 1. A live processor applies an event from the queue and relays what it wrote.
         u = user()
-        envelope = samples.event("payment_intent.succeeded", samples.payment_intent(
-            user_id=u, status="succeeded", product="lifetime_reports"))
+        envelope = samples.event(
+            "payment_intent.succeeded",
+            samples.payment_intent(user_id=u, status="succeeded", product="lifetime_reports"),
+        )
         connection = await aio_pika.connect(url)
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             exchange = await channel.get_exchange(EVENTS_EXCHANGE)
-            await exchange.publish(aio_pika.Message(samples.encode(envelope), content_type="application/json",
-                                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                                   routing_key=envelope["type"])
+            await exchange.publish(
+                aio_pika.Message(
+                    samples.encode(envelope),
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key=envelope["type"],
+            )
         async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+
             async def live_rows() -> list[dict[str, Any]]:
                 return await rows(conn, "SELECT id::text FROM outbox WHERE user_id = %s", u)
 
@@ -139,8 +172,13 @@ async def test_rows_left_unrelayed_by_a_killed_processor_are_published_after_res
             # 2. Killed: rows written meanwhile (here by a replay in-process) wait in the table.
             processor.kill()
             v = user()
-            await deliver(conn, samples.event("payment_intent.succeeded", samples.payment_intent(
-                user_id=v, status="succeeded", product="course_bundle")))
+            await deliver(
+                conn,
+                samples.event(
+                    "payment_intent.succeeded",
+                    samples.payment_intent(user_id=v, status="succeeded", product="course_bundle"),
+                ),
+            )
             waiting = await rows(conn, "SELECT id::text FROM outbox WHERE published_at IS NULL")
             assert len(waiting) == 2
             # 3. A new processor publishes them, each exactly once.

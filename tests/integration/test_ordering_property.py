@@ -50,8 +50,16 @@ class Ids:
     user: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def __getattr__(self, name: str) -> str:
-        prefix = {"pi": "pi", "cs": "cs_test", "ch": "ch", "re": "re", "dp": "dp", "sub": "sub", "in": "in",
-                  "cus": "cus"}[name.split("_")[0]]
+        prefix = {
+            "pi": "pi",
+            "cs": "cs_test",
+            "ch": "ch",
+            "re": "re",
+            "dp": "dp",
+            "sub": "sub",
+            "in": "in",
+            "cus": "cus",
+        }[name.split("_")[0]]
         return f"{prefix}_{self.suffix}{name}"
 
 
@@ -69,18 +77,28 @@ def payment_lifecycle(draw: st.DrawFn, by_metadata: bool) -> tuple[Lifecycle, st
 
     def intent(status: str, event_status: str) -> Callable[[Ids], dict[str, Any]]:
         def build(ids: Ids) -> dict[str, Any]:
-            obj = samples.payment_intent(intent_id=ids.pi_a, user_id=life.user(ids), status=status,
-                                         product="course_bundle", customer=ids.cus_x)
+            obj = samples.payment_intent(
+                intent_id=ids.pi_a,
+                user_id=life.user(ids),
+                status=status,
+                product="course_bundle",
+                customer=ids.cus_x,
+            )
             if event_status == "failed":
                 obj["last_payment_error"] = {"type": "card_error", "code": "card_declined"}
             return obj
+
         return build
 
     add = life.steps.append
     add(Step("payment_intent.created", intent("requires_payment_method", "open"), "pay_a", 0))
     for _ in range(draw(st.integers(0, 2))):
         if draw(st.booleans()):
-            add(Step("payment_intent.requires_action", intent("requires_action", "requires_action"), "pay_a", 1))
+            add(
+                Step(
+                    "payment_intent.requires_action", intent("requires_action", "requires_action"), "pay_a", 1
+                )
+            )
         add(Step("payment_intent.payment_failed", intent("requires_payment_method", "failed"), "pay_a", 3))
     end = draw(st.sampled_from(["succeeded", "canceled", "open"]))
     if end == "canceled":
@@ -88,9 +106,14 @@ def payment_lifecycle(draw: st.DrawFn, by_metadata: bool) -> tuple[Lifecycle, st
         return life, "canceled"
     if end == "open":
         return life, "failed" if life.steps[-1].type == "payment_intent.payment_failed" else (
-            "requires_action" if life.steps[-1].type == "payment_intent.requires_action" else "open")
+            "requires_action" if life.steps[-1].type == "payment_intent.requires_action" else "open"
+        )
     add(Step("payment_intent.succeeded", intent("succeeded", "succeeded"), "pay_a", 5))
-    add(Step("charge.succeeded", lambda ids: samples.charge(charge_id=ids.ch_a, intent_id=ids.pi_a), "ch_a", 2))
+    add(
+        Step(
+            "charge.succeeded", lambda ids: samples.charge(charge_id=ids.ch_a, intent_id=ids.pi_a), "ch_a", 2
+        )
+    )
     refunded = 0
     for number, amount in enumerate(draw(st.sampled_from([[], [10000], [AMOUNT], [10000, AMOUNT - 10000]]))):
         refunded += amount
@@ -98,18 +121,35 @@ def payment_lifecycle(draw: st.DrawFn, by_metadata: bool) -> tuple[Lifecycle, st
         names_intent = draw(st.booleans())
 
         def refund(status: str, name: str = name, amount: int = amount, names_intent: bool = names_intent):
-            return lambda ids: samples.refund(refund_id=getattr(ids, name), charge_id=ids.ch_a, amount=amount,
-                                              intent_id=ids.pi_a if names_intent else None, status=status)
+            return lambda ids: samples.refund(
+                refund_id=getattr(ids, name),
+                charge_id=ids.ch_a,
+                amount=amount,
+                intent_id=ids.pi_a if names_intent else None,
+                status=status,
+            )
+
         if draw(st.booleans()):
             add(Step("refund.created", refund("pending"), name, 0))
         add(Step("refund.updated", refund("succeeded"), name, 2))
-        add(Step("charge.refunded", lambda ids, total=total: samples.charge(
-            charge_id=ids.ch_a, intent_id=ids.pi_a, amount_refunded=total), "ch_a", 2))
+        add(
+            Step(
+                "charge.refunded",
+                lambda ids, total=total: samples.charge(
+                    charge_id=ids.ch_a, intent_id=ids.pi_a, amount_refunded=total
+                ),
+                "ch_a",
+                2,
+            )
+        )
     outcome = draw(st.sampled_from([None, "won", "lost"]))
     if outcome:
+
         def dispute(status: str) -> Callable[[Ids], dict[str, Any]]:
-            return lambda ids: samples.dispute(dispute_id=ids.dp_a, charge_id=ids.ch_a, intent_id=ids.pi_a,
-                                               status=status)
+            return lambda ids: samples.dispute(
+                dispute_id=ids.dp_a, charge_id=ids.ch_a, intent_id=ids.pi_a, status=status
+            )
+
         add(Step("charge.dispute.created", dispute("needs_response"), "dp_a", 2))
         add(Step("charge.dispute.closed", dispute(outcome), "dp_a", 5 if outcome == "won" else 6))
     return life, "succeeded"
@@ -122,18 +162,32 @@ def checkout_lifecycle(draw: st.DrawFn, by_metadata: bool) -> tuple[Lifecycle, s
     def session(event_type: str, payment_status: str, names_intent: bool = True) -> Step:
         def build(ids: Ids) -> dict[str, Any]:
             return samples.checkout_session(
-                session_id=ids.cs_b, payment_status=payment_status, intent_id=ids.pi_b if names_intent else None,
-                customer=ids.cus_x, client_reference_id=life.user(ids), product="lifetime_reports",
-                amount_total=AMOUNT)
-        rank = {"completed-unpaid": 2, "completed-paid": 5, "async_payment_succeeded": 5,
-                "async_payment_failed": 3}
+                session_id=ids.cs_b,
+                payment_status=payment_status,
+                intent_id=ids.pi_b if names_intent else None,
+                customer=ids.cus_x,
+                client_reference_id=life.user(ids),
+                product="lifetime_reports",
+                amount_total=AMOUNT,
+            )
+
+        rank = {
+            "completed-unpaid": 2,
+            "completed-paid": 5,
+            "async_payment_succeeded": 5,
+            "async_payment_failed": 3,
+        }
         key = event_type.rsplit(".", 1)[1]
         key = f"{key}-{payment_status}" if key == "completed" else key
         return Step(event_type, build, "pay_b", rank[key])
 
     def intent(event_type: str, status: str, rank: int) -> Step:
-        return Step(event_type, lambda ids: samples.payment_intent(
-            intent_id=ids.pi_b, status=status, customer=ids.cus_x), "pay_b", rank)
+        return Step(
+            event_type,
+            lambda ids: samples.payment_intent(intent_id=ids.pi_b, status=status, customer=ids.cus_x),
+            "pay_b",
+            rank,
+        )
 
     add = life.steps.append
     if draw(st.booleans()):
@@ -151,7 +205,15 @@ def checkout_lifecycle(draw: st.DrawFn, by_metadata: bool) -> tuple[Lifecycle, s
     return life, "failed"
 
 
-SUB_RANK = {"incomplete": 0, "trialing": 1, "active": 2, "past_due": 3, "unpaid": 4, "paused": 5, "canceled": 6}
+SUB_RANK = {
+    "incomplete": 0,
+    "trialing": 1,
+    "active": 2,
+    "past_due": 3,
+    "unpaid": 4,
+    "paused": 5,
+    "canceled": 6,
+}
 
 
 def subscription_lifecycle(draw: st.DrawFn, by_metadata: bool) -> tuple[Lifecycle, str]:
@@ -164,16 +226,43 @@ def subscription_lifecycle(draw: st.DrawFn, by_metadata: bool) -> tuple[Lifecycl
         trial_end = T0 + PERIOD if status == "trialing" else None
         canceled_at = T0 + 10 * PERIOD if status == "canceled" else None
         on_items = draw(st.booleans())  # old and new API shapes for the period
-        add(Step(event_type, lambda ids: samples.subscription(
-            subscription_id=ids.sub_c, status=status, customer=ids.cus_x, price_id=price,
-            user_id=life.user(ids), period_start=period, period_end=period + PERIOD, trial_end=trial_end,
-            canceled_at=canceled_at, periods_on_items=on_items), "sub_c", SUB_RANK[status]))
+        add(
+            Step(
+                event_type,
+                lambda ids: samples.subscription(
+                    subscription_id=ids.sub_c,
+                    status=status,
+                    customer=ids.cus_x,
+                    price_id=price,
+                    user_id=life.user(ids),
+                    period_start=period,
+                    period_end=period + PERIOD,
+                    trial_end=trial_end,
+                    canceled_at=canceled_at,
+                    periods_on_items=on_items,
+                ),
+                "sub_c",
+                SUB_RANK[status],
+            )
+        )
 
     def invoice(status: str, number: int) -> None:
         period = T0 + state["period"] * PERIOD
-        add(Step(f"invoice.{'paid' if status == 'paid' else 'payment_failed'}", lambda ids: samples.invoice(
-            invoice_id=getattr(ids, f"in_{number}"), status=status, subscription_id=ids.sub_c, customer=ids.cus_x,
-            period_start=period, period_end=period + PERIOD), f"in_{number}", 4 if status == "paid" else 1))
+        add(
+            Step(
+                f"invoice.{'paid' if status == 'paid' else 'payment_failed'}",
+                lambda ids: samples.invoice(
+                    invoice_id=getattr(ids, f"in_{number}"),
+                    status=status,
+                    subscription_id=ids.sub_c,
+                    customer=ids.cus_x,
+                    period_start=period,
+                    period_end=period + PERIOD,
+                ),
+                f"in_{number}",
+                4 if status == "paid" else 1,
+            )
+        )
 
     status = draw(st.sampled_from(["incomplete", "trialing"]))
     sub("customer.subscription.created", status)
@@ -203,8 +292,9 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
     checkout, checkout_end = checkout_lifecycle(draw, by_metadata)
     subscription, sub_end = subscription_lifecycle(draw, by_metadata)
     queues = [list(pay.steps), list(checkout.steps), list(subscription.steps)]
-    customer = Step("customer.created", lambda ids: samples.customer(customer_id=ids.cus_x, user_id=ids.user),
-                    "cus_x", 0)
+    customer = Step(
+        "customer.created", lambda ids: samples.customer(customer_id=ids.cus_x, user_id=ids.user), "cus_x", 0
+    )
     queues.append([customer])
     ordered: list[Step] = []
     while any(queues):
@@ -243,22 +333,27 @@ async def state(conn: Conn, ids: Ids) -> dict[str, Any]:
     like = f"%\\_{ids.suffix}%"
     payments = await rows(
         conn,
-        "SELECT id, stripe_payment_intent_id, stripe_checkout_session_id, stripe_customer_id, user_id::text, mode,"
-        " amount, currency, status, amount_refunded, disputed, dispute_status, product, paid_at, subscription_id"
+        "SELECT id, stripe_payment_intent_id, stripe_checkout_session_id, stripe_customer_id, user_id::text,"
+        " mode, amount, currency, status, amount_refunded, disputed, dispute_status, product, paid_at,"
+        " subscription_id"
         " FROM payments WHERE stripe_payment_intent_id LIKE %s OR stripe_checkout_session_id LIKE %s",
-        like, like,
+        like,
+        like,
     )
-    by_uuid = {str(p.pop("id")): p["stripe_payment_intent_id"] or p["stripe_checkout_session_id"] for p in payments}
+    by_uuid = {
+        str(p.pop("id")): p["stripe_payment_intent_id"] or p["stripe_checkout_session_id"] for p in payments
+    }
     subscriptions = await rows(
         conn,
         "SELECT id, user_id::text, stripe_customer_id, status, price_id, product, current_period_start,"
-        " current_period_end, cancel_at_period_end, canceled_at, trial_end FROM subscriptions WHERE id LIKE %s",
+        " current_period_end, cancel_at_period_end, canceled_at, trial_end"
+        " FROM subscriptions WHERE id LIKE %s",
         like,
     )
     invoices = await rows(
         conn,
-        "SELECT id, subscription_id, user_id::text, amount_due, amount_paid, currency, status, hosted_invoice_url,"
-        " period_start, period_end FROM invoices WHERE id LIKE %s",
+        "SELECT id, subscription_id, user_id::text, amount_due, amount_paid, currency, status,"
+        " hosted_invoice_url, period_start, period_end FROM invoices WHERE id LIKE %s",
         like,
     )
     entitlements = await rows(
@@ -278,8 +373,12 @@ async def state(conn: Conn, ids: Ids) -> dict[str, Any]:
     def table(found: list[dict[str, Any]]) -> list[tuple[tuple[str, Any], ...]]:
         return sorted((tuple(sorted((k, normal(v)) for k, v in row.items())) for row in found), key=repr)
 
-    return {"payments": table(payments), "subscriptions": table(subscriptions), "invoices": table(invoices),
-            "entitlements": table(entitlements)}
+    return {
+        "payments": table(payments),
+        "subscriptions": table(subscriptions),
+        "invoices": table(invoices),
+        "entitlements": table(entitlements),
+    }
 
 
 def check_lifecycle_ends(final: dict[str, Any], ends: tuple[str, str, str]) -> None:
@@ -290,7 +389,9 @@ def check_lifecycle_ends(final: dict[str, Any], ends: tuple[str, str, str]) -> N
     assert statuses["pi_<run>pi_b"] == checkout_end
     assert len(final["payments"]) == 2  # the session and its PaymentIntent are one row
     assert [dict(s)["status"] for s in final["subscriptions"]] == [sub_end]
-    sub_features = {dict(e)["feature"] for e in final["entitlements"] if dict(e)["source_type"] == "subscription"}
+    sub_features = {
+        dict(e)["feature"] for e in final["entitlements"] if dict(e)["source_type"] == "subscription"
+    }
     assert bool(sub_features) == (sub_end in ("active", "past_due"))
     assert all(dict(p)["user_id"] == "<user>" for p in final["payments"])
 
@@ -308,7 +409,11 @@ async def other_conn(database: str, conn: Conn) -> AsyncIterator[Conn]:
     max_examples=int(os.environ.get("PAYBUS_PROPERTY_EXAMPLES", "200")),
     deadline=None,
     database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
 )
 @given(scenario=scenarios())
 async def test_any_delivery_order_converges_to_the_in_order_state(
@@ -330,7 +435,10 @@ def test_grace_ends_three_days_after_the_period_end() -> None:
 
     end = datetime.fromtimestamp(T0, UTC)
     grant = for_subscription(
-        SubscriptionFacts(status="past_due", product="pro_monthly", current_period_end=end, status_changed_at=end),
-        CATALOG, timedelta(days=3),
+        SubscriptionFacts(
+            status="past_due", product="pro_monthly", current_period_end=end, status_changed_at=end
+        ),
+        CATALOG,
+        timedelta(days=3),
     )
     assert grant.active and grant.expires_at == end + timedelta(days=3)
