@@ -4,7 +4,9 @@ The relay claims unpublished rows with `FOR UPDATE SKIP LOCKED` (several process
 without publishing the same row twice at once), publishes them to `paybus.events` with publisher
 confirms, and marks them published in the same transaction. A crash between confirm and commit
 publishes a row again after restart: at-least-once, and consumers dedupe on the stable `message_id`.
-It wakes on `NOTIFY paybus_outbox` (sent by a trigger on `outbox`, so by any writer, and delivered at
+Not mandatory: an event no queue is bound to is confirmed and dropped, as a topic exchange does;
+subscribers that must not miss events bind durable queues.
+It wakes on `NOTIFY paybus_outbox` (sent by a trigger on `outbox`, so for any writer, delivered at
 commit) and polls as a fallback.
 """
 
@@ -110,7 +112,10 @@ class OutboxRelay:
             confirmations = await asyncio.gather(
                 *(
                     exchange.publish(
-                        _message(str(row_id), event_type, payload), routing_key=event_type, timeout=10
+                        _message(str(row_id), event_type, payload),
+                        routing_key=event_type,
+                        mandatory=False,
+                        timeout=10,
                     )
                     for _, row_id, event_type, payload in rows
                 )

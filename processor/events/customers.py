@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import msgspec
+import psycopg
 from psycopg import AsyncConnection
 
 from processor.context import Context
@@ -45,15 +46,20 @@ async def map_customer(
         )
     ).fetchone()
     if taken is None:
-        cur = await conn.execute(
-            """
-            INSERT INTO stripe_customers (stripe_customer_id, user_id) VALUES (%s, %s)
-            ON CONFLICT (stripe_customer_id) DO UPDATE SET user_id = EXCLUDED.user_id, updated_at = now()
-             WHERE stripe_customers.user_id IS NULL
-            """,
-            (customer, user_id),
-        )
-        changed = cur.rowcount > 0
+        try:
+            async with conn.transaction():  # a concurrent mapping of this user to another customer may win
+                cur = await conn.execute(
+                    """
+                    INSERT INTO stripe_customers (stripe_customer_id, user_id) VALUES (%s, %s)
+                    ON CONFLICT (stripe_customer_id)
+                    DO UPDATE SET user_id = EXCLUDED.user_id, updated_at = now()
+                     WHERE stripe_customers.user_id IS NULL
+                    """,
+                    (customer, user_id),
+                )
+                changed = cur.rowcount > 0
+        except psycopg.errors.UniqueViolation:
+            pass
     return await link_orphans(conn, customer, user_id, ctx, at) or changed
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +196,25 @@ async def test_rows_left_unrelayed_by_a_killed_processor_are_published_after_res
     finally:
         processor.stop()
         db.drop_database(database)
+
+
+async def test_events_no_queue_is_bound_to_are_confirmed_and_marked_published(
+    conn: Conn, database: str, make_vhost: Callable[[], str]
+) -> None:
+    url = make_vhost()  # paybus's topology and no subscriber at all
+    u = user()
+    await deliver(conn, samples.event("payment_intent.payment_failed", samples.payment_intent(user_id=u)))
+    connection = await aio_pika.connect(url)
+    async with (
+        connection,
+        AsyncConnectionPool(
+            database, min_size=1, max_size=1, open=False, kwargs={"autocommit": True}
+        ) as pool,
+    ):
+        await declare_topology(await connection.channel())
+        relay = OutboxRelay(pool, await connection.channel(publisher_confirms=True), database)
+        while await relay.relay_once():  # the whole backlog of this session's database
+            pass
+    assert await rows(
+        conn, "SELECT event_type, published_at IS NOT NULL AS published FROM outbox WHERE user_id = %s", u
+    ) == [{"event_type": "payment.failed", "published": True}]
