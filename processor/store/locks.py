@@ -15,6 +15,8 @@ from typing import Any, Final
 from psycopg import AsyncConnection
 
 _EXCLUSIVE: Final = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
+# A function scan over unnest() yields the array in order, so the locks are taken in that order.
+_MANY: Final = "SELECT pg_advisory_xact_lock(hashtextextended(key, 0)) FROM unnest(%s::text[]) AS key"
 _SHARED: Final = "SELECT pg_advisory_xact_lock_shared(hashtextextended(%s, 0))"
 
 
@@ -30,5 +32,6 @@ async def lock_customer(conn: AsyncConnection[Any], customer: str | None, *, exc
 
 async def lock_objects(conn: AsyncConnection[Any], *keys: str | None) -> None:
     """Exclusive locks on "kind:id" keys, in sorted order (the order matters: see the module doc)."""
-    for key in sorted({k for k in keys if k}):
-        await conn.execute(_EXCLUSIVE, (key,))
+    ordered = sorted({k for k in keys if k})
+    if ordered:  # one round trip; the locks are taken one after the other, in array order
+        await conn.execute(_MANY, (ordered,))

@@ -201,24 +201,31 @@ async def _merge(
     return merged, dict(merged)
 
 
-_DERIVED: Final = """
+# One statement: recompute the refunded amount and the dispute state from their own rows, store them.
+_SETTLE: Final = """
 WITH p AS (SELECT * FROM payments WHERE id = %(id)s),
      ch AS (SELECT c.id, c.amount_refunded FROM charges c, p
              WHERE c.stripe_payment_intent_id = p.stripe_payment_intent_id),
      d AS (SELECT d.status FROM disputes d, p
             WHERE d.stripe_payment_intent_id = p.stripe_payment_intent_id
-               OR d.stripe_charge_id IN (SELECT id FROM ch))
-SELECT GREATEST(
-         p.amount_refunded,
-         COALESCE((SELECT max(amount_refunded) FROM ch), 0),
-         COALESCE((SELECT sum(r.amount) FROM refunds r
-                    WHERE r.status = 'succeeded'
-                      AND (r.stripe_payment_intent_id = p.stripe_payment_intent_id
-                           OR r.stripe_charge_id IN (SELECT id FROM ch))), 0)) AS amount_refunded,
-       (SELECT CASE WHEN bool_or(status = 'lost') THEN 'lost'
-                    WHEN bool_or(status NOT IN ('won', 'warning_closed')) THEN 'open'
-                    WHEN count(*) > 0 THEN 'won' END FROM d) AS dispute_status
-  FROM p
+               OR d.stripe_charge_id IN (SELECT id FROM ch)),
+     derived AS (
+       SELECT GREATEST(
+                p.amount_refunded,
+                COALESCE((SELECT max(amount_refunded) FROM ch), 0),
+                COALESCE((SELECT sum(r.amount) FROM refunds r
+                           WHERE r.status = 'succeeded'
+                             AND (r.stripe_payment_intent_id = p.stripe_payment_intent_id
+                                  OR r.stripe_charge_id IN (SELECT id FROM ch))), 0)) AS amount_refunded,
+              (SELECT CASE WHEN bool_or(status = 'lost') THEN 'lost'
+                           WHEN bool_or(status NOT IN ('won', 'warning_closed')) THEN 'open'
+                           WHEN count(*) > 0 THEN 'won' END FROM d) AS dispute_status
+         FROM p)
+UPDATE payments SET amount_refunded = derived.amount_refunded, dispute_status = derived.dispute_status,
+                    disputed = derived.dispute_status IS NOT NULL, updated_at = now()
+  FROM derived
+ WHERE payments.id = %(id)s
+RETURNING payments.*
 """
 
 
@@ -232,21 +239,9 @@ async def settle(
     Returns whether the derived columns changed.
     """
     cur = conn.cursor(row_factory=dict_row)
-    derived = await (await cur.execute(_DERIVED, {"id": payment_id})).fetchone()
-    if derived is None:
+    row = await (await cur.execute(_SETTLE, {"id": payment_id})).fetchone()
+    if row is None:
         return False
-    row = await (
-        await cur.execute(
-            """
-            UPDATE payments SET amount_refunded = %(amount_refunded)s,
-                                dispute_status = %(dispute_status)s::text,
-                                disputed = %(dispute_status)s::text IS NOT NULL, updated_at = now()
-             WHERE id = %(id)s RETURNING *
-            """,
-            {**derived, "id": payment_id},
-        )
-    ).fetchone()
-    assert row is not None
     old_refunded = before["amount_refunded"] if before else 0
     old_dispute = before["dispute_status"] if before else None
     changed = bool(row["amount_refunded"] != old_refunded or row["dispute_status"] != old_dispute)

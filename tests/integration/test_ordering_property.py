@@ -92,7 +92,7 @@ def payment_lifecycle(draw: st.DrawFn, by_metadata: bool) -> tuple[Lifecycle, st
 
     add = life.steps.append
     add(Step("payment_intent.created", intent("requires_payment_method", "open"), "pay_a", 0))
-    for _ in range(draw(st.integers(0, 2))):
+    for _ in range(draw(st.integers(0, 2))):  # failed attempts before the outcome
         if draw(st.booleans()):
             add(
                 Step(
@@ -288,9 +288,19 @@ def subscription_lifecycle(draw: st.DrawFn, by_metadata: bool) -> tuple[Lifecycl
 @st.composite
 def scenarios(draw: st.DrawFn) -> dict[str, Any]:
     by_metadata = draw(st.booleans())  # else the user is known only through the customer mapping
-    pay, pay_end = payment_lifecycle(draw, by_metadata)
-    checkout, checkout_end = checkout_lifecycle(draw, by_metadata)
-    subscription, sub_end = subscription_lifecycle(draw, by_metadata)
+    # Each example mixes one to three of the lifecycles (all of one customer), which keeps it quick.
+    parts = draw(st.sets(st.sampled_from(["payment", "checkout", "subscription"]), min_size=1))
+    pay, pay_end = (
+        payment_lifecycle(draw, by_metadata) if "payment" in parts else (Lifecycle(by_metadata), None)
+    )
+    checkout, checkout_end = (
+        checkout_lifecycle(draw, by_metadata) if "checkout" in parts else (Lifecycle(by_metadata), None)
+    )
+    subscription, sub_end = (
+        subscription_lifecycle(draw, by_metadata)
+        if "subscription" in parts
+        else (Lifecycle(by_metadata), None)
+    )
     queues = [list(pay.steps), list(checkout.steps), list(subscription.steps)]
     customer = Step(
         "customer.created", lambda ids: samples.customer(customer_id=ids.cus_x, user_id=ids.user), "cus_x", 0
@@ -381,14 +391,15 @@ async def state(conn: Conn, ids: Ids) -> dict[str, Any]:
     }
 
 
-def check_lifecycle_ends(final: dict[str, Any], ends: tuple[str, str, str]) -> None:
+def check_lifecycle_ends(final: dict[str, Any], ends: tuple[str | None, str | None, str | None]) -> None:
     """The in-order run is itself checked against what each lifecycle ended in."""
     pay_end, checkout_end, sub_end = ends
     statuses = {dict(p)["stripe_payment_intent_id"]: dict(p)["status"] for p in final["payments"]}
-    assert statuses["pi_<run>pi_a"] == pay_end
-    assert statuses["pi_<run>pi_b"] == checkout_end
-    assert len(final["payments"]) == 2  # the session and its PaymentIntent are one row
-    assert [dict(s)["status"] for s in final["subscriptions"]] == [sub_end]
+    assert statuses.get("pi_<run>pi_a") == pay_end
+    assert statuses.get("pi_<run>pi_b") == checkout_end
+    # The session and its PaymentIntent are one row.
+    assert len(final["payments"]) == (pay_end is not None) + (checkout_end is not None)
+    assert [dict(s)["status"] for s in final["subscriptions"]] == ([sub_end] if sub_end else [])
     sub_features = {
         dict(e)["feature"] for e in final["entitlements"] if dict(e)["source_type"] == "subscription"
     }
@@ -405,6 +416,7 @@ async def other_conn(database: str, conn: Conn) -> AsyncIterator[Conn]:
         yield connection
 
 
+@pytest.mark.timeout(600)  # ~20 s on an idle machine; the shared CI host can be several times slower
 @settings(
     max_examples=int(os.environ.get("PAYBUS_PROPERTY_EXAMPLES", "200")),
     deadline=None,
