@@ -154,6 +154,13 @@ async def apply(
                 trial_end=after["trial_end"],
             ),
         )
+    if after["user_id"] is not None and (row is None or row["user_id"] is None):
+        # Invoices that arrived before their subscription learn its user now.
+        await conn.execute(
+            "UPDATE invoices SET user_id = %s, updated_at = now()"
+            " WHERE subscription_id = %s AND user_id IS NULL",
+            (after["user_id"], upd.id),
+        )
     await _sync(conn, after, ctx, at)
     return True, _user(after)
 
