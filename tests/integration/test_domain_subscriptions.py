@@ -357,3 +357,22 @@ async def test_rows_of_an_unknown_customer_are_linked_when_the_mapping_appears(c
         assert found == [{"user_id": u}], table
     assert await active_features(conn, u) == {"course:bundle", "premium", "reports"}
     assert sorted(await outbox_types(conn, u)) == ["entitlement.granted"] * 3
+
+
+async def test_an_invoice_that_arrives_before_its_subscription_learns_the_subscriptions_user(
+    conn: Conn,
+) -> None:
+    u, sub, inv, cus = user(), samples.new_id("sub"), samples.new_id("in"), samples.new_id("cus")
+    await deliver(
+        conn,
+        samples.event("invoice.paid", samples.invoice(invoice_id=inv, subscription_id=sub, customer=cus)),
+    )
+    assert await one(conn, "SELECT user_id FROM invoices WHERE id = %s", inv) == {"user_id": None}
+    await deliver(
+        conn,
+        samples.event(
+            "customer.subscription.created",
+            samples.subscription(subscription_id=sub, customer=cus, user_id=u),
+        ),
+    )
+    assert await one(conn, "SELECT user_id::text FROM invoices WHERE id = %s", inv) == {"user_id": u}
