@@ -73,9 +73,6 @@ async def on_session(conn: AsyncConnection[Any], event: Event, ctx: Context) -> 
     at = datetime.fromtimestamp(event.created, UTC)
     named_user = user_from_object(obj)
     await lock_customer(conn, customer, exclusive=named_user is not None)
-    linked = False
-    if customer and named_user:
-        linked = await map_customer(conn, customer, named_user, ctx, at)
     user_id = await resolve_user(conn, obj)
     metadata = session.metadata or {}
     price = next((li.price.id for li in (session.line_items or LineItems()).data if li.price), None)
@@ -99,6 +96,11 @@ async def on_session(conn: AsyncConnection[Any], event: Event, ctx: Context) -> 
     )
     if changed:
         await payments.settle(conn, payment_id, before, ctx, at)
+    linked = False
+    if customer and named_user:
+        # After the session's own row: linking takes row locks on other payments without their key
+        # locks, and a lock on this session's keys must never be requested while holding those.
+        linked = await map_customer(conn, customer, named_user, ctx, at)
     return Applied("applied" if changed or linked else "stale", user_id)
 
 

@@ -1,7 +1,9 @@
 """Per-object transaction locks, so concurrent deliveries for one Stripe object apply one at a time.
 
 Every handler takes its locks in one global order — the customer first, then its own object, then
-the payment keys (sorted) — so two processors can never wait on each other in a cycle. Locks are
+the payment keys (sorted) — so two processors can never wait on each other in a cycle. Linking a
+customer's orphaned rows (which updates rows without their key locks) happens under the customer's
+exclusive lock and after the handler's own key locks, never before them. Locks are
 `pg_advisory_xact_lock` on a hash of "kind:id": released at commit or rollback, nothing to clean up,
 and they also cover rows that do not exist yet (which `SELECT … FOR UPDATE` cannot), so "insert if
 missing" never races into a unique violation. A hash collision only makes two objects wait for
