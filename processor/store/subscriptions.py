@@ -4,6 +4,9 @@ Status ranks for ties (DESIGN §9.2), each distinct so a tie resolves the same i
 incomplete < trialing < active < past_due < unpaid < paused < canceled < incomplete_expired, with
 canceled and incomplete_expired terminal. A newer event always wins over a non-terminal row, so
 `past_due → active` (a recovered payment) and `paused → active` (resumed) apply normally.
+Two same-second events with the same status are told apart by the later `current_period_end` (a
+renewal); beyond that Stripe's order cannot be recovered from the events, the first applied stays,
+and `paybus reconcile` is the repair.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ async def apply(
         if row["stripe_customer_id"] is None and upd.stripe_customer_id is not None:
             changes["stripe_customer_id"] = upd.stripe_customer_id
         stored = stored_key(row["status"], row["status_event_created"], row["status_rank"], TERMINAL)
-        if new_key > stored:
+        if (new_key, _period(upd.current_period_end)) > (stored, _period(row["current_period_end"])):
             changes.update(
                 values,
                 metadata=Jsonb(upd.metadata),
@@ -190,6 +193,10 @@ async def _sync(conn: AsyncConnection[Any], row: dict[str, Any], ctx: Context, a
     await entitlements.sync(
         conn, source_type="subscription", source_id=row["id"], user_id=_user(row), grant=grant, at=at
     )
+
+
+def _period(value: datetime | None) -> float:
+    return value.timestamp() if value is not None else -1.0
 
 
 def _user(row: dict[str, Any]) -> str | None:
