@@ -1,7 +1,7 @@
 """charge.* events -> `charges` (the link from a charge to its PaymentIntent) and the payment's refunds.
 
 `charge.refunded` carries the charge's cumulative `amount_refunded`; the row keeps the greatest value
-seen (refunded amounts only grow), and the payment row takes it over in `store.payments.settle`.
+seen (refunded amounts only grow), and the payment row takes it over in `store.payment_effects.settle`.
 Charge ranks: pending < failed < succeeded; failed and succeeded are terminal.
 """
 
@@ -15,7 +15,7 @@ from psycopg import AsyncConnection
 
 from processor.context import Context
 from processor.events import Applied, Event, Handler
-from processor.store import objects, payments
+from processor.store import objects, payment_effects
 from processor.users import customer_id
 
 STATUS_RANK: Final = {"pending": 0, "failed": 1, "succeeded": 2}
@@ -43,9 +43,9 @@ async def settle_intent(
 ) -> str | None:
     """Re-derive the payment of ``intent`` (if paybus has it); return its user."""
     user = None
-    for payment_id in await payments.ids_for_intent(conn, intent):
-        before = await payments.snapshot(conn, payment_id)
-        await payments.settle(conn, payment_id, before, ctx, at)
+    for payment_id in await payment_effects.ids_for_intent(conn, intent):
+        before = await payment_effects.snapshot(conn, payment_id)
+        await payment_effects.settle(conn, payment_id, before, ctx, at)
         if before and before["user_id"]:
             user = str(before["user_id"])
     return user

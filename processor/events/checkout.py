@@ -23,7 +23,7 @@ from processor.context import Context
 from processor.events import Applied, Event, Handler
 from processor.events.customers import map_customer
 from processor.events.subscriptions import product_key
-from processor.store import payments
+from processor.store import payment_effects, payments
 from processor.store.locks import lock_customer
 from processor.users import customer_id, resolve_user, user_from_object
 
@@ -95,7 +95,7 @@ async def on_session(conn: AsyncConnection[Any], event: Event, ctx: Context) -> 
         ),
     )
     if changed:
-        await payments.settle(conn, payment_id, before, ctx, at)
+        await payment_effects.settle(conn, payment_id, before, ctx, at)
     linked = False
     if customer and named_user:
         # After the session's own row: linking takes row locks on other payments without their key

@@ -18,7 +18,7 @@ from psycopg import AsyncConnection
 
 from processor.context import Context
 from processor.events import Applied, Event, Handler
-from processor.store import payments, subscriptions
+from processor.store import payment_effects, subscriptions
 from processor.store.locks import lock_customer
 from processor.users import user_from_object
 
@@ -74,8 +74,8 @@ async def link_orphans(
         )
     ).fetchall()
     for (payment_id,) in rows:
-        snapshot = await payments.snapshot(conn, str(payment_id))
-        await payments.settle(conn, str(payment_id), snapshot, ctx, at)
+        snapshot = await payment_effects.snapshot(conn, str(payment_id))
+        await payment_effects.settle(conn, str(payment_id), snapshot, ctx, at)
     subs = await (
         await conn.execute(
             "UPDATE subscriptions SET user_id = %s, updated_at = now()"

@@ -1,7 +1,7 @@
 """charge.dispute.* events -> `disputes`, and the payment's `disputed` / `dispute_status`.
 
 A lost dispute takes away what the payment granted; a won one (or a closed inquiry) gives it back:
-entitlements follow the dispute's current state (`store.payments.settle`), not the event.
+entitlements follow the dispute's current state (`store.payment_effects.settle`), not the event.
 Ranks: warning_needs_response < warning_under_review < needs_response < under_review <
 warning_closed < won < lost; warning_closed, won and lost are terminal.
 """

@@ -17,7 +17,7 @@ from psycopg import AsyncConnection
 
 from processor.context import Context
 from processor.events import Applied, Event, Handler
-from processor.store import payments
+from processor.store import payment_effects, payments
 from processor.store.locks import lock_customer
 from processor.users import customer_id, resolve_user
 
@@ -81,7 +81,7 @@ async def on_payment_intent(conn: AsyncConnection[Any], event: Event, ctx: Conte
         ),
     )
     if changed:  # a stale event changes nothing, so there is nothing to derive or announce
-        await payments.settle(conn, payment_id, before, ctx, event_time(event))
+        await payment_effects.settle(conn, payment_id, before, ctx, event_time(event))
     return Applied("applied" if changed else "stale", user_id)
 
 

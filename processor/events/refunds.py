@@ -1,7 +1,7 @@
 """refund.* and charge.refund.updated events -> `refunds`, and the refunded amount of the payment.
 
 A refund is found by its `re_…` id; the payment's `amount_refunded` is the greatest of the charge's
-cumulative figure and the sum of its succeeded refunds (`store.payments.settle`), so a refund that
+cumulative figure and the sum of its succeeded refunds (`store.payment_effects.settle`), so a refund that
 fails or an old snapshot never shrinks it and a refund seen twice is counted once.
 Ranks: pending < requires_action < succeeded < failed < canceled; failed and canceled are terminal.
 """
