@@ -17,7 +17,7 @@ import aio_pika
 import pytest
 
 from shared import samples
-from shared.amqp import DEAD_LETTER_QUEUE, EVENTS_EXCHANGE, declare_topology
+from shared.amqp import DEAD_LETTER_QUEUE, EVENTS_EXCHANGE, EVENTS_QUEUE
 from tests.conftest import env_for
 from tests.integration.domain_helpers import Conn, rows, user
 from tests.support import Service, queue_depth, wait_for
@@ -96,21 +96,22 @@ async def test_two_processors_on_one_queue_reach_the_in_order_state(
     rng = random.Random(t)
     deliveries = events + rng.sample(events, len(events) // 3)  # a third delivered twice
     rng.shuffle(deliveries)
-    connection = await aio_pika.connect(amqp)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        await declare_topology(channel)
-        exchange = await channel.get_exchange(EVENTS_EXCHANGE)
-        for envelope in deliveries:  # queued first, so both processors start with a full queue
-            await exchange.publish(
-                aio_pika.Message(samples.encode(envelope), content_type="application/json"),
-                routing_key=envelope["type"],
-            )
-    processors = [
-        Service("processor", env_for(database, amqp, PROCESSOR_PREFETCH="16"), tmp_path / f"p{n}.log").start()
-        for n in range(2)
-    ]
+    envs = [env_for(database, amqp, PROCESSOR_PREFETCH="16") for _ in range(2)]
+    processors = [Service("processor", env, tmp_path / f"p{n}.log").start() for n, env in enumerate(envs)]
     try:
+        for processor, env in zip(processors, envs, strict=True):
+            processor.wait_ready(f"http://127.0.0.1:{env['METRICS_PORT']}/readyz")
+        connection = await aio_pika.connect(amqp)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            queue = await channel.declare_queue(EVENTS_QUEUE, passive=True)
+            assert queue.declaration_result.consumer_count == 2  # deliveries alternate between them
+            exchange = await channel.get_exchange(EVENTS_EXCHANGE)
+            for envelope in deliveries:
+                await exchange.publish(
+                    aio_pika.Message(samples.encode(envelope), content_type="application/json"),
+                    routing_key=envelope["type"],
+                )
         ids = [e["id"] for e in events]
 
         async def all_processed() -> bool:
