@@ -169,6 +169,12 @@ async def test_rows_left_unrelayed_by_a_killed_processor_are_published_after_res
 
             first = await wait_for(live_rows)
             await drain(queue, {r["id"] for r in first})
+
+            async def all_published() -> bool:
+                left = await rows(conn, "SELECT 1 FROM outbox WHERE published_at IS NULL")
+                return not left
+
+            await wait_for(all_published)  # marked after the confirms; only then is the count below exact
             # 2. Killed: rows written meanwhile (here by a replay in-process) wait in the table.
             processor.kill()
             v = user()
@@ -187,11 +193,6 @@ async def test_rows_left_unrelayed_by_a_killed_processor_are_published_after_res
             processor.wait_ready(f"http://127.0.0.1:{env['METRICS_PORT']}/readyz")
             seen = await drain(queue, {r["id"] for r in waiting})
             assert {key for key, _ in seen.values()} == {"payment.succeeded", "entitlement.granted"}
-
-            async def all_published() -> bool:
-                left = await rows(conn, "SELECT 1 FROM outbox WHERE published_at IS NULL")
-                return not left
-
             await wait_for(all_published)
     finally:
         processor.stop()
