@@ -93,7 +93,7 @@ async def test_two_processors_on_one_queue_reach_the_in_order_state(
     amqp = make_vhost()
     u, cus, t = user(), samples.new_id("cus"), int(time.time())
     events, intents, subs = lifecycle_events(u, cus, t)
-    rng = random.Random(t)
+    rng = random.Random(20261126)  # a fixed interleaving; which processor takes what still varies
     deliveries = events + rng.sample(events, len(events) // 3)  # a third delivered twice
     rng.shuffle(deliveries)
     envs = [env_for(database, amqp, PROCESSOR_PREFETCH="16") for _ in range(2)]
