@@ -21,6 +21,7 @@ from processor.catalog import load_catalog
 from processor.consumer import Consumer, Forwarder
 from processor.context import Context
 from processor.events import handlers
+from processor.outbox import OutboxRelay
 from processor.pipeline import EventPipeline
 from processor.requests.runner import RequestService, open_request_service
 from shared.amqp import DEAD_LETTER_QUEUE, EVENTS_QUEUE, REQUESTS_QUEUE, declare_topology, topology
@@ -128,6 +129,10 @@ async def serve(settings: Settings) -> None:
         background.append(asyncio.create_task(_watch_queues(setup, metrics)))
         consuming = asyncio.create_task(events.run())
         answering = asyncio.create_task(requests.consumer.run())
+        relay = OutboxRelay(
+            pool, await connection.channel(publisher_confirms=True), settings.database_url, metrics=metrics
+        )
+        relaying = asyncio.create_task(relay.run())
         stopped = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({consuming, answering, stopped}, return_when=asyncio.FIRST_COMPLETED)
         for task in done & {consuming, answering}:
@@ -136,6 +141,9 @@ async def serve(settings: Settings) -> None:
         await asyncio.gather(events.stop(), requests.consumer.stop())
         consuming.cancel()
         answering.cancel()
+        relay.stop()
+        await asyncio.wait({relaying}, timeout=5)
+        relaying.cancel()
     finally:
         for task in background:
             task.cancel()

@@ -30,7 +30,7 @@ class Event(msgspec.Struct, frozen=True):
     api_version: str | None = None
     account: str | None = None
 
-    def object(self, kind: builtins.type[T]) -> T:
+    def object(self, kind: builtins.type[T]) -> T:  # `type` is a field here
         return msgspec.convert(self.data.object, kind, strict=False)
 
     @property
@@ -57,10 +57,19 @@ def decode_event(body: bytes) -> Event:
 
 def handlers() -> dict[str, Handler]:
     """The routing table; each family module contributes its own HANDLERS."""
-    from processor.events import payments
+    from processor.events import (
+        charges,
+        checkout,
+        customers,
+        disputes,
+        invoices,
+        payments,
+        refunds,
+        subscriptions,
+    )
 
     table: dict[str, Handler] = {}
-    for module in (payments,):
+    for module in (payments, checkout, charges, refunds, disputes, customers, subscriptions, invoices):
         overlap = table.keys() & module.HANDLERS.keys()
         if overlap:
             raise RuntimeError(f"event types handled twice: {sorted(overlap)}")

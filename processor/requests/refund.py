@@ -6,11 +6,14 @@ checked against the refundable amount one after the other, not both against the 
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from psycopg import AsyncConnection
 
+from processor.context import Context
 from processor.requests.base import Deps, Done, KindHandler, Refused
+from processor.store import payment_effects
 from shared.messages import InvalidRequest, RefundCreate, RefundResult, success
 
 KIND: Final = "refund.create"
@@ -24,10 +27,8 @@ _RECORD: Final = """
 INSERT INTO refunds (id, stripe_payment_intent_id, amount, currency, status, reason)
 VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING
 """
-# Refunded amounts only grow (DESIGN §9.2); the charge.refunded webhook later sets Stripe's own total.
-_ADD_REFUNDED: Final = """
-UPDATE payments SET amount_refunded = LEAST(amount, amount_refunded + %s), updated_at = now() WHERE id = %s
-RETURNING amount_refunded
+_PENDING: Final = """
+SELECT COALESCE(sum(amount), 0) FROM refunds WHERE stripe_payment_intent_id = %s AND status = 'pending'
 """
 
 
@@ -52,7 +53,9 @@ async def handle(
         raise Refused(
             "invalid_request", f"payment {wanted} is {status}; only succeeded payments can be refunded"
         )
-    refundable = int(amount) - int(refunded)
+    # pending refunds are not in amount_refunded yet, but they are spoken for
+    pending_row = await (await conn.execute(_PENDING, (intent_id,))).fetchone()
+    refundable = int(amount) - int(refunded) - int(pending_row[0] if pending_row else 0)
     if refundable <= 0:
         raise Refused("invalid_request", f"payment {wanted} is already fully refunded")
     value = request.amount if request.amount is not None else refundable
@@ -69,14 +72,14 @@ async def handle(
         params["reason"] = request.reason
     refund = await deps.stripe.create_refund(params, f"paybus:{request.idempotency_key}:refund")
     refund_status = str(refund.get("status") or "pending")
-    cur = await conn.execute(
-        _RECORD, (refund["id"], intent_id, value, currency, refund_status, request.reason)
-    )
-    total = int(refunded)
-    if cur.rowcount and refund_status in ("succeeded", "pending"):
-        added = await (await conn.execute(_ADD_REFUNDED, (value, payment_id))).fetchone()
-        assert added is not None
-        total = int(added[0])
+    before = await payment_effects.snapshot(conn, str(payment_id))
+    await conn.execute(_RECORD, (refund["id"], intent_id, value, currency, refund_status, request.reason))
+    # The same fold the refund webhooks use: refunded amount, payment.refunded, and a full refund
+    # revoking what the payment granted, all in this transaction.
+    ctx = Context(catalog=deps.catalog, grace=timedelta(days=deps.settings.grace_days))
+    await payment_effects.settle(conn, str(payment_id), before, ctx, datetime.now(UTC))
+    after = await payment_effects.snapshot(conn, str(payment_id))
+    total = int(after["amount_refunded"]) if after else int(refunded)
     result = RefundResult(
         refund_id=refund["id"],
         status=refund_status,

@@ -116,8 +116,9 @@ async def test_payment_checkout_returns_a_url_and_its_webhooks_complete_the_paym
     )
     succeeded = await deliver(system, "payment_intent.succeeded", intent)
 
-    assert await wait_for(lambda: outcome(conn, succeeded)) == "applied"
-    assert await wait_for(lambda: outcome(conn, completed)) in ("applied", "ignored")
+    # Both say "paid" in the same second: whichever is applied second changes nothing and is `stale`.
+    assert await wait_for(lambda: outcome(conn, succeeded)) in ("applied", "stale")
+    assert await wait_for(lambda: outcome(conn, completed)) in ("applied", "stale")
     cur = await conn.execute(
         "SELECT user_id::text, status, amount, product FROM payments WHERE stripe_payment_intent_id = %s",
         (intent_id,),
@@ -127,6 +128,19 @@ async def test_payment_checkout_returns_a_url_and_its_webhooks_complete_the_paym
         "SELECT user_id::text, mode, amount, product FROM payments WHERE id = %s", (session.payment_id,)
     )
     assert await cur.fetchone() == (user, "payment", 299900, "course_bundle")
+    # one row for the session and its PaymentIntent, and the catalog's access for 365 days
+    cur = await conn.execute(
+        "SELECT count(*) FROM payments"
+        " WHERE stripe_checkout_session_id = %s OR stripe_payment_intent_id = %s",
+        (session.session_id, intent_id),
+    )
+    assert await cur.fetchone() == (1,)
+    cur = await conn.execute(
+        "SELECT feature, expires_at - granted_at > interval '364 days' FROM active_entitlements"
+        " WHERE user_id = %s",
+        (user,),
+    )
+    assert await cur.fetchall() == [("course:bundle", True)]
 
 
 async def test_subscription_checkout_returns_a_url_and_its_webhooks_are_mapped_to_the_user(
@@ -156,7 +170,7 @@ async def test_subscription_checkout_returns_a_url_and_its_webhooks_are_mapped_t
         completed_session(sent.params, session.session_id, 49900, subscription=subscription["id"]),
     )
     for event_id in (created, completed):
-        assert await wait_for(lambda event_id=event_id: outcome(conn, event_id)) in ("applied", "ignored")
+        assert await wait_for(lambda event_id=event_id: outcome(conn, event_id)) == "applied"
     assert (
         subscription["metadata"]["user_id"] == user and subscription["metadata"]["product"] == "pro_monthly"
     )
@@ -164,7 +178,13 @@ async def test_subscription_checkout_returns_a_url_and_its_webhooks_are_mapped_t
         "SELECT user_id::text, status, mode, product FROM payments WHERE stripe_checkout_session_id = %s",
         (session.session_id,),
     )
-    assert await cur.fetchone() == (user, "open", "subscription", "pro_monthly")
+    assert await cur.fetchone() == (user, "succeeded", "subscription", "pro_monthly")
+    cur = await conn.execute(
+        "SELECT user_id::text, status, product FROM subscriptions WHERE id = %s", (subscription["id"],)
+    )
+    assert await cur.fetchone() == (user, "active", "pro_monthly")
+    cur = await conn.execute("SELECT feature FROM active_entitlements WHERE user_id = %s ORDER BY 1", (user,))
+    assert await cur.fetchall() == [("premium",), ("reports",)]
 
 
 def test_paybus_request_prints_the_reply(system: PaybusWithFake) -> None:

@@ -114,6 +114,8 @@ async def test_paid_with_a_test_card_the_webhook_makes_the_payment_succeeded_the
         "SELECT user_id::text, amount, product FROM payments WHERE id = %s", (intent.payment_id,)
     )
     assert await cur.fetchone() == (user, 49900, "lifetime_reports")
+    cur = await conn.execute("SELECT feature FROM active_entitlements WHERE user_id = %s", (user,))
+    assert await cur.fetchall() == [("reports",)]  # the catalog's feature for lifetime_reports
 
     partial = await payments.create_refund(
         idempotency_key=unique("ls-refund"), user_id=user, payment_id=intent.payment_id, amount=10000
@@ -134,6 +136,19 @@ async def test_paid_with_a_test_card_the_webhook_makes_the_payment_succeeded_the
     assert at_stripe["latest_charge"]["amount_refunded"] == 49900  # Stripe agrees (expanded by localstripe)
     cur = await conn.execute("SELECT amount_refunded FROM payments WHERE id = %s", (intent.payment_id,))
     assert await cur.fetchone() == (49900,)
+    # a full refund revokes what the payment granted, and says so on paybus.events
+    cur = await conn.execute("SELECT count(*) FROM active_entitlements WHERE user_id = %s", (user,))
+    assert await cur.fetchone() == (0,)
+    cur = await conn.execute(
+        "SELECT event_type FROM outbox WHERE user_id = %s AND event_type IN"
+        " ('payment.refunded', 'entitlement.revoked') ORDER BY seq",
+        (user,),
+    )
+    assert [r[0] for r in await cur.fetchall()] == [
+        "payment.refunded",
+        "payment.refunded",
+        "entitlement.revoked",
+    ]
 
 
 async def test_a_declined_card_makes_the_payment_failed(

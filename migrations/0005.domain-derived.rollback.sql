@@ -1,0 +1,12 @@
+DROP TRIGGER outbox_notify ON outbox;
+DROP FUNCTION outbox_notify();
+DROP INDEX entitlements_user_idx;
+DROP INDEX disputes_charge_idx;
+DROP INDEX subscriptions_unmapped_idx;
+DROP INDEX invoices_unmapped_idx;
+DROP INDEX invoices_customer_idx;
+ALTER TABLE invoices DROP COLUMN paid_at, DROP COLUMN stripe_payment_intent_id, DROP COLUMN number;
+DROP INDEX payments_unmapped_idx;
+DROP INDEX payments_subscription_idx;
+ALTER TABLE payments DROP COLUMN dispute_status, DROP COLUMN paid_at;
+DROP TABLE charges;

@@ -1,0 +1,202 @@
+"""Entitlements: pure rules from the catalog (what a payment or subscription grants now) and their SQL.
+
+Entitlement rows are *derived*: after every applied event the handler recomputes what the source
+(one payment row or one subscription row) grants in its current state and `sync` makes the rows
+match, emitting `entitlement.granted` / `entitlement.revoked` only for real changes. Since the
+source rows converge whatever the delivery order (see `processor.ordering`), so do entitlements,
+with no incremental toggles that could be applied twice or out of turn.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+import msgspec
+from psycopg import AsyncConnection
+
+from processor.catalog import Catalog
+from processor.outbox import emit, new_id
+from shared.domain_events import EntitlementGranted, EntitlementRevoked
+
+# Subscription statuses that grant access outright; `past_due` grants until the period end + grace.
+SUBSCRIPTION_GRANTS: Final = frozenset({"active", "trialing"})
+
+
+class Grant(msgspec.Struct, frozen=True, kw_only=True):
+    """What a source grants right now: these features, active or not, until ``expires_at``."""
+
+    product: str | None
+    features: tuple[str, ...]
+    active: bool
+    expires_at: datetime | None = None
+    reason: str
+
+
+class PaymentFacts(msgspec.Struct, frozen=True, kw_only=True):
+    mode: str
+    status: str
+    product: str | None
+    amount: int
+    amount_refunded: int
+    dispute_status: str | None
+    paid_at: datetime | None
+
+
+class SubscriptionFacts(msgspec.Struct, frozen=True, kw_only=True):
+    status: str
+    product: str | None
+    current_period_end: datetime | None
+    status_changed_at: datetime
+
+
+def for_payment(p: PaymentFacts, catalog: Catalog) -> Grant:
+    """A one-time purchase grants its product's features from payment for `access_days` (or no end).
+
+    A full refund or a lost dispute takes access away; a partial refund does not, and a won dispute
+    gives it back (the dispute state is the dispute's current one, not an event).
+    """
+    product = catalog.by_key(p.product)
+    features = product.features if product is not None and p.mode == "payment" else ()
+    key = product.key if product is not None else p.product
+    if p.status != "succeeded":
+        return Grant(product=key, features=features, active=False, reason=p.status)
+    if p.amount > 0 and p.amount_refunded >= p.amount:
+        return Grant(product=key, features=features, active=False, reason="refunded")
+    if p.dispute_status == "lost":
+        return Grant(product=key, features=features, active=False, reason="dispute-lost")
+    expires = None
+    if product is not None and product.access_days is not None and p.paid_at is not None:
+        expires = p.paid_at + timedelta(days=product.access_days)
+    return Grant(product=key, features=features, active=True, expires_at=expires, reason="paid")
+
+
+def for_subscription(s: SubscriptionFacts, catalog: Catalog, grace: timedelta) -> Grant:
+    """Active and trialing grant; past_due keeps access until the period end + grace; all else revokes.
+
+    Revoked states include canceled, unpaid, incomplete_expired, paused (and incomplete: never paid).
+    `expires_at` makes a past_due grant lapse by itself (`active_entitlements` honours it), so no job
+    has to run when the grace period ends.
+    """
+    product = catalog.by_key(s.product)
+    features = product.features if product is not None else ()
+    key = product.key if product is not None else s.product
+    if s.status in SUBSCRIPTION_GRANTS:
+        return Grant(product=key, features=features, active=True, reason=s.status)
+    if s.status == "past_due":
+        end = s.current_period_end or s.status_changed_at
+        return Grant(product=key, features=features, active=True, expires_at=end + grace, reason="past_due")
+    return Grant(product=key, features=features, active=False, reason=s.status)
+
+
+_ROWS: Final = """
+SELECT id, user_id::text, feature, active, expires_at, product, reason FROM entitlements
+ WHERE source_type = %s AND source_id = %s ORDER BY id FOR UPDATE
+"""
+_GRANT: Final = """
+INSERT INTO entitlements (user_id, feature, source_type, source_id, product, active, reason, granted_at,
+                          expires_at)
+VALUES (%(user)s, %(feature)s, %(type)s, %(source)s, %(product)s, true, %(reason)s, now(), %(expires)s)
+ON CONFLICT (user_id, feature, source_id) DO UPDATE
+   SET active = true, reason = EXCLUDED.reason, product = EXCLUDED.product, expires_at = EXCLUDED.expires_at,
+       granted_at = CASE WHEN entitlements.active THEN entitlements.granted_at ELSE now() END,
+       revoked_at = NULL, updated_at = now()
+"""
+_REVOKE: Final = """
+UPDATE entitlements SET active = false, reason = %s, revoked_at = now(), updated_at = now() WHERE id = %s
+"""
+
+
+async def sync(
+    conn: AsyncConnection[Any],
+    *,
+    source_type: str,
+    source_id: str,
+    user_id: str | None,
+    grant: Grant,
+    at: datetime,
+) -> None:
+    """Make the entitlement rows of one source match ``grant``; emit an outbox event per real change.
+
+    Rows need a user: while the source is unmapped nothing is granted, and linking the user later
+    (customer mapping) calls this again.
+    """
+    rows = await (await conn.execute(_ROWS, (source_type, source_id))).fetchall()
+    wanted = set(grant.features) if user_id else set()
+    current = {}
+    for row_id, row_user, feature, active, expires_at, product, reason in rows:
+        if row_user == user_id and feature in wanted:
+            current[feature] = (active, expires_at)
+            if active and grant.active and (product, reason) != (grant.product, grant.reason):
+                # Same access, other label (a plan change keeping this feature, trial -> active): no event.
+                await conn.execute(
+                    "UPDATE entitlements SET product = %s, reason = %s, updated_at = now() WHERE id = %s",
+                    (grant.product, grant.reason, row_id),
+                )
+        elif active:
+            await conn.execute(_REVOKE, ("product-changed", row_id))
+            await _revoked(
+                conn, row_user, feature, source_type, source_id, grant.product, "product-changed", at
+            )
+    if user_id is None:
+        return
+    for feature in sorted(wanted):
+        active, expires_at = current.get(feature, (False, None))
+        if grant.active and (not active or expires_at != grant.expires_at):
+            await conn.execute(
+                _GRANT,
+                {
+                    "user": user_id,
+                    "feature": feature,
+                    "type": source_type,
+                    "source": source_id,
+                    "product": grant.product,
+                    "reason": grant.reason,
+                    "expires": grant.expires_at,
+                },
+            )
+            await emit(
+                conn,
+                EntitlementGranted(
+                    id=new_id(),
+                    occurred_at=at,
+                    user_id=user_id,
+                    feature=feature,
+                    source_type=source_type,
+                    source_id=source_id,
+                    product=grant.product,
+                    expires_at=grant.expires_at,
+                ),
+            )
+        elif not grant.active and active:
+            await conn.execute(
+                "UPDATE entitlements SET active = false, reason = %s, revoked_at = now(), updated_at = now()"
+                " WHERE user_id = %s AND feature = %s AND source_id = %s",
+                (grant.reason, user_id, feature, source_id),
+            )
+            await _revoked(conn, user_id, feature, source_type, source_id, grant.product, grant.reason, at)
+
+
+async def _revoked(
+    conn: AsyncConnection[Any],
+    user_id: str,
+    feature: str,
+    source_type: str,
+    source_id: str,
+    product: str | None,
+    reason: str,
+    at: datetime,
+) -> None:
+    await emit(
+        conn,
+        EntitlementRevoked(
+            id=new_id(),
+            occurred_at=at,
+            user_id=user_id,
+            feature=feature,
+            source_type=source_type,
+            source_id=source_id,
+            product=product,
+            reason=reason,
+        ),
+    )

@@ -1,0 +1,177 @@
+"""Transactional outbox: `emit` writes a domain event in the caller's transaction; `OutboxRelay` publishes.
+
+The relay claims unpublished rows with `FOR UPDATE SKIP LOCKED` (several processors share the table
+without publishing the same row twice at once), publishes them to `paybus.events` with publisher
+confirms, and marks them published in the same transaction. A crash between confirm and commit
+publishes a row again after restart: at-least-once, and consumers dedupe on the stable `message_id`.
+Not mandatory: an event no queue is bound to is confirmed and dropped, as a topic exchange does;
+subscribers that must not miss events bind durable queues.
+It wakes on `NOTIFY paybus_outbox` (sent by a trigger on `outbox`, so for any writer, delivered at
+commit) and polls as a fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from datetime import datetime
+from typing import Any, Final
+
+import aio_pika
+import psycopg
+import psycopg_pool
+from aio_pika.abc import AbstractChannel
+from pamqp.commands import Basic
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from shared import domain_events
+from shared.amqp import DOMAIN_EXCHANGE
+from shared.telemetry import ProcessorMetrics
+
+log = logging.getLogger("paybus.outbox")
+
+CHANNEL: Final = "paybus_outbox"
+
+_INSERT: Final = """
+INSERT INTO outbox (id, event_type, user_id, payload) VALUES (%s, %s, %s, %s::jsonb)
+"""
+_CLAIM: Final = """
+SELECT seq, id, event_type, payload::text FROM outbox
+ WHERE published_at IS NULL ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED
+"""
+_MARK: Final = "UPDATE outbox SET published_at = now() WHERE seq = ANY(%s)"
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+async def emit(conn: AsyncConnection[Any], event: domain_events.DomainEvent) -> None:
+    """Store ``event`` in the outbox; it is published only if the surrounding transaction commits."""
+    tag = event.__struct_config__.tag
+    await conn.execute(_INSERT, (event.id, tag, event.user_id, domain_events.encode(event).decode()))
+    # The insert trigger (migration 0005) sends NOTIFY paybus_outbox, delivered at commit.
+
+
+class OutboxRelay:
+    """Publishes outbox rows until stopped; survives database and broker outages by backing off."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        channel: AbstractChannel,
+        listen_conninfo: str,
+        *,
+        batch: int = 100,
+        poll_interval: float = 1.0,
+        metrics: ProcessorMetrics | None = None,
+    ) -> None:
+        self._metrics = metrics or ProcessorMetrics()
+        self._pool = pool
+        self._channel = channel
+        self._conninfo = listen_conninfo
+        self._batch = batch
+        self._poll = poll_interval
+        self._stopping = asyncio.Event()
+        self.published = 0
+
+    async def run(self) -> None:
+        listener: AsyncConnection[Any] | None = None
+        delay = self._poll
+        while not self._stopping.is_set():
+            try:
+                if listener is None or listener.closed:
+                    listener = await self._listen()
+                while await self.relay_once() == self._batch and not self._stopping.is_set():
+                    pass
+                await self._measure_backlog()
+                delay = self._poll
+                await self._wait(listener)
+            except Exception as exc:  # the relay must outlive any outage; rows stay until published
+                if isinstance(exc, _OUTAGES):
+                    log.warning("outbox relay paused (%s); retrying in %.1fs", type(exc).__name__, delay)
+                else:
+                    log.exception("outbox relay failed; retrying in %.1fs", delay)
+                if listener is not None:
+                    await listener.close()
+                    listener = None
+                await self._sleep(delay)
+                delay = min(delay * 2, 10.0)
+        if listener is not None:
+            await listener.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def relay_once(self) -> int:
+        """Publish one batch of unpublished rows; return how many were published."""
+        exchange = await self._channel.get_exchange(DOMAIN_EXCHANGE, ensure=False)
+        async with self._pool.connection() as conn, conn.transaction():
+            rows = await (await conn.execute(_CLAIM, (self._batch,))).fetchall()
+            if not rows:
+                return 0
+            confirmations = await asyncio.gather(
+                *(
+                    exchange.publish(
+                        _message(str(row_id), event_type, payload),
+                        routing_key=event_type,
+                        mandatory=False,
+                        timeout=10,
+                    )
+                    for _, row_id, event_type, payload in rows
+                )
+            )
+            if not all(isinstance(c, Basic.Ack) for c in confirmations):
+                raise RelayNotConfirmed("broker did not confirm every outbox message")
+            await conn.execute(_MARK, ([seq for seq, *_ in rows],))
+        self.published += len(rows)
+        return len(rows)
+
+    async def _measure_backlog(self) -> None:
+        async with self._pool.connection() as conn:
+            row = await (
+                await conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            ).fetchone()
+        self._metrics.outbox_backlog.set(row[0] if row else 0)
+
+    async def _listen(self) -> AsyncConnection[Any]:
+        conn = await AsyncConnection.connect(self._conninfo, autocommit=True)
+        await conn.execute(f"LISTEN {CHANNEL}")
+        return conn
+
+    async def _wait(self, listener: AsyncConnection[Any]) -> None:
+        """Until a NOTIFY arrives, the poll interval passes, or stop() is called."""
+        async for _ in listener.notifies(timeout=self._poll, stop_after=1):
+            pass
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+
+class RelayNotConfirmed(Exception):
+    pass
+
+
+_OUTAGES: Final = (
+    psycopg.OperationalError,
+    psycopg_pool.PoolTimeout,
+    aio_pika.exceptions.AMQPError,
+    RelayNotConfirmed,
+    TimeoutError,
+    ConnectionError,
+)
+
+
+def _message(row_id: str, event_type: str, payload: str) -> aio_pika.Message:
+    return aio_pika.Message(
+        payload.encode(),
+        message_id=row_id,
+        type=event_type,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        timestamp=datetime.now().astimezone(),
+    )

@@ -1,0 +1,1 @@
+"""SQL for the domain tables: plain functions that take a connection (the transaction is the caller's)."""

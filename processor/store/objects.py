@@ -1,0 +1,71 @@
+"""A guarded upsert shared by the simple Stripe object tables (charges, refunds, disputes, invoices).
+
+Each such table has `id`, `status`, `status_event_created`, `status_rank`: the event's snapshot
+replaces the row when its ordering key wins (`processor.ordering`); `monotone` columns only grow
+(GREATEST), whatever the guard says; `learned` columns are filled in when still NULL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from psycopg import AsyncConnection, sql
+from psycopg.rows import dict_row
+
+from processor.ordering import key_of, stored_key
+from processor.store.locks import lock_objects
+
+
+async def upsert(
+    conn: AsyncConnection[Any],
+    table: str,
+    object_id: str,
+    *,
+    status: str,
+    created: int,
+    ranks: Mapping[str, int],
+    terminal: frozenset[str],
+    fields: Mapping[str, Any],
+    monotone: Mapping[str, int] | None = None,
+    learned: Mapping[str, Any] | None = None,
+) -> tuple[bool, dict[str, Any] | None, dict[str, Any]]:
+    """Apply one snapshot; return (changed, row before, row after). Takes the object's lock first."""
+    monotone = monotone or {}
+    learned = learned or {}
+    await lock_objects(conn, f"{table}:{object_id}")
+    cur = conn.cursor(row_factory=dict_row)
+    ident = sql.Identifier(table)
+    row = await (
+        await cur.execute(sql.SQL("SELECT * FROM {} WHERE id = %s FOR UPDATE").format(ident), (object_id,))
+    ).fetchone()
+    new_key = key_of(status, created, ranks, terminal)
+    guarded = {**fields, "status": status, "status_event_created": created, "status_rank": new_key.rank}
+    if row is None:
+        values = {**learned, **guarded, **monotone, "id": object_id}
+        query = sql.SQL("INSERT INTO {} ({}) VALUES ({}) RETURNING *").format(
+            ident,
+            sql.SQL(", ").join(map(sql.Identifier, values)),
+            sql.SQL(", ").join(map(sql.Placeholder, values)),
+        )
+        after = await (await cur.execute(query, values)).fetchone()
+        assert after is not None
+        return True, None, after
+    changes: dict[str, Any] = {}
+    if new_key > stored_key(row["status"], row["status_event_created"], row["status_rank"], terminal):
+        changes.update({k: v for k, v in guarded.items() if row[k] != v})
+    for name, value in monotone.items():
+        if value > row[name]:
+            changes[name] = value
+    for name, value in learned.items():
+        if row[name] is None and value is not None:
+            changes[name] = value
+    if not changes:
+        return False, row, row
+    query = sql.SQL("UPDATE {} SET {}, updated_at = now() WHERE id = %(id)s RETURNING *").format(
+        ident,
+        sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(k), sql.Placeholder(k)) for k in changes),
+    )
+    after = await (await cur.execute(query, {**changes, "id": object_id})).fetchone()
+    assert after is not None
+    return True, row, after

@@ -1,0 +1,154 @@
+"""What a payment row implies: refunds and disputes folded in, payment events, its entitlements.
+
+Called after any change to a payment or to its charges, refunds or disputes. Refunded amounts only
+grow: the row keeps the greatest of what any charge snapshot said (`amount_refunded`) and the sum of
+succeeded refunds, so an old snapshot cannot shrink it and a refund seen twice counts once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Final
+
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+
+from processor import entitlements
+from processor.context import Context
+from processor.outbox import emit, new_id
+from processor.store.locks import lock_objects
+from shared.domain_events import PaymentFailed, PaymentRefunded, PaymentSucceeded
+
+# One statement: recompute the refunded amount and the dispute state from their own rows, store them.
+_SETTLE: Final = """
+WITH p AS (SELECT * FROM payments WHERE id = %(id)s),
+     ch AS (SELECT c.id, c.amount_refunded FROM charges c, p
+             WHERE c.stripe_payment_intent_id = p.stripe_payment_intent_id),
+     d AS (SELECT d.status FROM disputes d, p
+            WHERE d.stripe_payment_intent_id = p.stripe_payment_intent_id
+               OR d.stripe_charge_id IN (SELECT id FROM ch)),
+     derived AS (
+       SELECT GREATEST(
+                p.amount_refunded,
+                COALESCE((SELECT max(amount_refunded) FROM ch), 0),
+                COALESCE((SELECT sum(r.amount) FROM refunds r
+                           WHERE r.status = 'succeeded'
+                             AND (r.stripe_payment_intent_id = p.stripe_payment_intent_id
+                                  OR r.stripe_charge_id IN (SELECT id FROM ch))), 0)) AS amount_refunded,
+              (SELECT CASE WHEN bool_or(status = 'lost') THEN 'lost'
+                           WHEN bool_or(status NOT IN ('won', 'warning_closed')) THEN 'open'
+                           WHEN count(*) > 0 THEN 'won' END FROM d) AS dispute_status
+         FROM p)
+UPDATE payments SET amount_refunded = derived.amount_refunded, dispute_status = derived.dispute_status,
+                    disputed = derived.dispute_status IS NOT NULL, updated_at = now()
+  FROM derived
+ WHERE payments.id = %(id)s
+RETURNING payments.*
+"""
+
+
+async def settle(
+    conn: AsyncConnection[Any], payment_id: str, before: dict[str, Any] | None, ctx: Context, at: datetime
+) -> bool:
+    """Recompute refunds and disputes into the row, emit payment events, derive entitlements.
+
+    ``before`` is the row before the caller's change (None for a new row); returns whether the
+    refunded amount or dispute state changed.
+    """
+    cur = conn.cursor(row_factory=dict_row)
+    row = await (await cur.execute(_SETTLE, {"id": payment_id})).fetchone()
+    if row is None:
+        return False
+    old_refunded = before["amount_refunded"] if before else 0
+    old_dispute = before["dispute_status"] if before else None
+    changed = bool(row["amount_refunded"] != old_refunded or row["dispute_status"] != old_dispute)
+    await _emit_payment_events(conn, row, before, at)
+    grant = entitlements.for_payment(
+        entitlements.PaymentFacts(
+            mode=row["mode"],
+            status=row["status"],
+            product=row["product"],
+            amount=row["amount"],
+            amount_refunded=row["amount_refunded"],
+            dispute_status=row["dispute_status"],
+            paid_at=row["paid_at"],
+        ),
+        ctx.catalog,
+    )
+    user = str(row["user_id"]) if row["user_id"] else None
+    await entitlements.sync(
+        conn, source_type="payment", source_id=payment_id, user_id=user, grant=grant, at=at
+    )
+    return changed
+
+
+async def _emit_payment_events(
+    conn: AsyncConnection[Any], row: dict[str, Any], before: dict[str, Any] | None, at: datetime
+) -> None:
+    user = str(row["user_id"]) if row["user_id"] else None
+    status_changed = before is None or before["status"] != row["status"]
+    if status_changed and row["status"] == "succeeded":
+        await emit(
+            conn,
+            PaymentSucceeded(
+                id=new_id(),
+                occurred_at=at,
+                user_id=user,
+                payment_id=str(row["id"]),
+                stripe_payment_intent_id=row["stripe_payment_intent_id"],
+                stripe_checkout_session_id=row["stripe_checkout_session_id"],
+                mode=row["mode"],
+                amount=row["amount"],
+                currency=row["currency"],
+                product=row["product"],
+            ),
+        )
+    elif status_changed and row["status"] == "failed":
+        await emit(
+            conn,
+            PaymentFailed(
+                id=new_id(),
+                occurred_at=at,
+                user_id=user,
+                payment_id=str(row["id"]),
+                stripe_payment_intent_id=row["stripe_payment_intent_id"],
+                stripe_checkout_session_id=row["stripe_checkout_session_id"],
+                amount=row["amount"],
+                currency=row["currency"],
+                product=row["product"],
+                error=row["last_error"],
+            ),
+        )
+    if row["amount_refunded"] > (before["amount_refunded"] if before else 0):
+        await emit(
+            conn,
+            PaymentRefunded(
+                id=new_id(),
+                occurred_at=at,
+                user_id=user,
+                payment_id=str(row["id"]),
+                stripe_payment_intent_id=row["stripe_payment_intent_id"],
+                amount=row["amount"],
+                amount_refunded=row["amount_refunded"],
+                currency=row["currency"],
+                fully_refunded=row["amount"] > 0 and row["amount_refunded"] >= row["amount"],
+            ),
+        )
+
+
+async def ids_for_intent(conn: AsyncConnection[Any], intent: str | None) -> list[str]:
+    """The payment row of a PaymentIntent (locking its key first), as a list of zero or one id."""
+    if not intent:
+        return []
+    await lock_objects(conn, f"pi:{intent}")
+    rows = await (
+        await conn.execute(
+            "SELECT id FROM payments WHERE stripe_payment_intent_id = %s FOR UPDATE", (intent,)
+        )
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+async def snapshot(conn: AsyncConnection[Any], payment_id: str) -> dict[str, Any] | None:
+    cur = conn.cursor(row_factory=dict_row)
+    return await (await cur.execute("SELECT * FROM payments WHERE id = %s", (payment_id,))).fetchone()

@@ -1,0 +1,197 @@
+"""The `payments` row of a PaymentIntent and/or Checkout Session: guarded writes, merging, derived state.
+
+A payment may be announced by its PaymentIntent (payment_intent.*) or its Checkout Session
+(checkout.session.*), in any order, so the row is found by either key. If two rows exist — one
+created from a session that did not yet name its PaymentIntent, one from the PaymentIntent — the
+first event naming both merges them into the PaymentIntent's row. Both keys are locked first
+(`store.locks`), so concurrent writers never race into a unique violation.
+
+Status ranks for ties (DESIGN §9.2): open < requires_action < processing < failed < canceled <
+succeeded; succeeded and canceled are terminal. `failed` is not terminal: the PaymentIntent can be
+retried and succeed, and that later event must win.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import msgspec
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from processor.ordering import key_of, stored_key
+from processor.store.locks import lock_objects
+
+STATUS_RANK: Final = {
+    "open": 0,
+    "requires_action": 1,
+    "processing": 2,
+    "failed": 3,
+    "canceled": 4,
+    "succeeded": 5,
+}
+TERMINAL: Final = frozenset({"succeeded", "canceled"})
+
+# Learned once, never unlearned: filled in from any event (even a stale one) when still unknown.
+_LEARNED: Final = ("user_id", "stripe_customer_id", "subscription_id", "product")
+
+
+class PaymentUpdate(msgspec.Struct, frozen=True, kw_only=True):
+    """What one event says about a payment."""
+
+    intent: str | None
+    session: str | None
+    status: str
+    created: int
+    mode: str | None = None  # None: the event does not know (PaymentIntents do not say)
+    amount: int | None  # None: the event does not say (a session before its total is known)
+    currency: str | None
+    user_id: str | None = None
+    stripe_customer_id: str | None = None
+    subscription_id: str | None = None
+    product: str | None = None
+    error: str | None = None
+    metadata: dict[str, Any] = {}
+
+
+def _key(row: dict[str, Any]) -> Any:
+    return stored_key(row["status"], row["status_event_created"], row["status_rank"], TERMINAL)
+
+
+async def apply(conn: AsyncConnection[Any], upd: PaymentUpdate) -> tuple[bool, str, dict[str, Any] | None]:
+    """Apply ``upd`` under the guard; return (changed, payment id, the row as it was before)."""
+    await lock_objects(conn, upd.intent and f"pi:{upd.intent}", upd.session and f"cs:{upd.session}")
+    cur = conn.cursor(row_factory=dict_row)
+    rows = await (
+        await cur.execute(
+            "SELECT * FROM payments WHERE stripe_payment_intent_id = %s OR stripe_checkout_session_id = %s"
+            " ORDER BY created_at FOR UPDATE",
+            (upd.intent, upd.session),
+        )
+    ).fetchall()
+    if not rows:
+        row = await _insert(conn, upd)
+        return True, str(row["id"]), None
+    mergeable = len(rows) == 2 and all(r["stripe_payment_intent_id"] in (None, upd.intent) for r in rows)
+    if mergeable:
+        row, before = await _merge(conn, rows, upd.intent)
+    else:  # one row, or (never seen in practice) two that name different PaymentIntents: keep the PI's
+        row = next((r for r in rows if upd.intent and r["stripe_payment_intent_id"] == upd.intent), rows[0])
+        before = dict(row)
+    changes: dict[str, Any] = {}
+    if upd.intent and row["stripe_payment_intent_id"] is None:
+        changes["stripe_payment_intent_id"] = upd.intent
+    if upd.session and row["stripe_checkout_session_id"] is None:
+        changes["stripe_checkout_session_id"] = upd.session
+    for field in _LEARNED:
+        value = getattr(upd, field)
+        if row[field] is None and value is not None:
+            changes[field] = value
+    at = datetime.fromtimestamp(upd.created, UTC)
+    if upd.status == "succeeded" and (row["paid_at"] is None or at < row["paid_at"]):
+        changes["paid_at"] = at  # the earliest success: the same whatever the delivery order
+    new_key = key_of(upd.status, upd.created, STATUS_RANK, TERMINAL)
+    if new_key > _key(row):
+        if upd.amount is not None:
+            changes.update(amount=upd.amount)
+        if upd.currency is not None:
+            changes.update(currency=upd.currency)
+        changes.update(
+            status=upd.status,
+            last_error=upd.error,
+            status_event_created=upd.created,
+            status_rank=new_key.rank,
+            metadata=Jsonb({**row["metadata"], **upd.metadata}),
+        )
+        if upd.mode is not None:
+            changes["mode"] = upd.mode
+    elif upd.mode is not None and upd.session and row["mode"] != upd.mode:
+        changes["mode"] = upd.mode  # only sessions know the mode; a stale one still says it
+    if changes:
+        await _update(conn, row["id"], changes)
+    return bool(changes), str(row["id"]), before
+
+
+async def _insert(conn: AsyncConnection[Any], upd: PaymentUpdate) -> dict[str, Any]:
+    cur = conn.cursor(row_factory=dict_row)
+    row = await (
+        await cur.execute(
+            """
+            INSERT INTO payments (user_id, stripe_payment_intent_id, stripe_checkout_session_id,
+                                  stripe_customer_id, subscription_id, mode, amount, currency, status,
+                                  product, last_error, metadata, status_event_created, status_rank, paid_at)
+            VALUES (%(user_id)s, %(intent)s, %(session)s, %(customer)s, %(subscription)s, %(mode)s,
+                    %(amount)s, %(currency)s, %(status)s, %(product)s, %(error)s, %(metadata)s, %(created)s,
+                    %(rank)s,
+                    CASE WHEN %(status)s = 'succeeded' THEN to_timestamp(%(created)s) END)
+            RETURNING *
+            """,
+            {
+                "user_id": upd.user_id,
+                "intent": upd.intent,
+                "session": upd.session,
+                "customer": upd.stripe_customer_id,
+                "subscription": upd.subscription_id,
+                "mode": upd.mode or "payment",
+                "amount": upd.amount or 0,
+                "currency": upd.currency or "inr",
+                "status": upd.status,
+                "product": upd.product,
+                "error": upd.error,
+                "metadata": Jsonb(upd.metadata),
+                "created": upd.created,
+                "rank": STATUS_RANK[upd.status],
+            },
+        )
+    ).fetchone()
+    assert row is not None
+    return row
+
+
+async def _update(conn: AsyncConnection[Any], payment_id: Any, changes: dict[str, Any]) -> None:
+    columns = ", ".join(f"{name} = %({name})s" for name in changes)
+    await conn.execute(
+        f"UPDATE payments SET {columns}, updated_at = now() WHERE id = %(id)s", {**changes, "id": payment_id}
+    )
+
+
+async def _merge(
+    conn: AsyncConnection[Any], rows: list[dict[str, Any]], intent: str | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fold the session's row into the PaymentIntent's row; return (kept row, folded 'before' state)."""
+    keep = next(r for r in rows if r["stripe_payment_intent_id"] == intent)
+    drop = next(r for r in rows if r is not keep)
+    best = max((keep, drop), key=_key)
+    merged = dict(keep)
+    for field in ("status", "amount", "currency", "last_error", "status_event_created", "status_rank"):
+        merged[field] = best[field]
+    for field in _LEARNED:
+        merged[field] = keep[field] if keep[field] is not None else drop[field]
+    merged["stripe_checkout_session_id"] = drop["stripe_checkout_session_id"]
+    merged["mode"] = drop["mode"]  # the session's row knows the mode
+    merged["amount_refunded"] = max(keep["amount_refunded"], drop["amount_refunded"])
+    paid = [r["paid_at"] for r in rows if r["paid_at"] is not None]
+    merged["paid_at"] = min(paid) if paid else None
+    merged["metadata"] = {**drop["metadata"], **keep["metadata"]}
+    await conn.execute("DELETE FROM payments WHERE id = %s", (drop["id"],))
+    # The dropped row's entitlements move to the kept row (then `payment_effects.settle` re-derives them).
+    await conn.execute(
+        "DELETE FROM entitlements d WHERE d.source_type = 'payment' AND d.source_id = %(drop)s AND EXISTS"
+        " (SELECT 1 FROM entitlements k WHERE k.source_id = %(keep)s AND k.user_id = d.user_id"
+        "  AND k.feature = d.feature)",
+        {"drop": str(drop["id"]), "keep": str(keep["id"])},
+    )
+    await conn.execute(
+        "UPDATE entitlements SET source_id = %s WHERE source_type = 'payment' AND source_id = %s",
+        (str(keep["id"]), str(drop["id"])),
+    )
+    changes = {
+        k: merged[k] for k in merged if k not in ("id", "created_at", "updated_at") and merged[k] != keep[k]
+    }
+    if "metadata" in changes:
+        changes["metadata"] = Jsonb(changes["metadata"])
+    if changes:
+        await _update(conn, keep["id"], changes)
+    return merged, dict(merged)

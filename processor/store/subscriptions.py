@@ -1,0 +1,207 @@
+"""The `subscriptions` row: guarded writes, `subscription.updated`, and the entitlements it grants.
+
+Status ranks for ties (DESIGN §9.2), each distinct so a tie resolves the same in any arrival order:
+incomplete < trialing < active < past_due < unpaid < paused < canceled < incomplete_expired, with
+canceled and incomplete_expired terminal. A newer event always wins over a non-terminal row, so
+`past_due → active` (a recovered payment) and `paused → active` (resumed) apply normally.
+Two same-second events with the same status are told apart by the later `current_period_end` (a
+renewal); beyond that Stripe's order cannot be recovered from the events, the first applied stays,
+and `paybus reconcile` is the repair.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import msgspec
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from processor import entitlements
+from processor.context import Context
+from processor.ordering import key_of, stored_key
+from processor.outbox import emit, new_id
+from processor.store.locks import lock_objects
+from shared.domain_events import SubscriptionUpdated
+
+STATUS_RANK: Final = {
+    "incomplete": 0,
+    "trialing": 1,
+    "active": 2,
+    "past_due": 3,
+    "unpaid": 4,
+    "paused": 5,
+    "canceled": 6,
+    "incomplete_expired": 7,
+}
+TERMINAL: Final = frozenset({"canceled", "incomplete_expired"})
+
+# What subscribers of `subscription.updated` care about; a change elsewhere is not announced.
+_ANNOUNCED: Final = (
+    "status",
+    "price_id",
+    "product",
+    "current_period_end",
+    "cancel_at_period_end",
+    "canceled_at",
+    "trial_end",
+    "user_id",
+)
+
+
+class SubscriptionUpdate(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    status: str
+    created: int
+    user_id: str | None
+    stripe_customer_id: str | None
+    price_id: str | None
+    product: str | None
+    current_period_start: datetime | None
+    current_period_end: datetime | None
+    cancel_at_period_end: bool
+    canceled_at: datetime | None
+    ended_at: datetime | None
+    trial_end: datetime | None
+    metadata: dict[str, Any]
+
+
+_FIELDS: Final = (
+    "status",
+    "price_id",
+    "product",
+    "current_period_start",
+    "current_period_end",
+    "cancel_at_period_end",
+    "canceled_at",
+    "ended_at",
+    "trial_end",
+)
+
+
+async def apply(
+    conn: AsyncConnection[Any], upd: SubscriptionUpdate, ctx: Context, at: datetime
+) -> tuple[bool, str | None]:
+    """Apply ``upd`` under the guard, announce and derive; return (changed, the row's user)."""
+    await lock_objects(conn, f"sub:{upd.id}")
+    cur = conn.cursor(row_factory=dict_row)
+    row = await (
+        await cur.execute("SELECT * FROM subscriptions WHERE id = %s FOR UPDATE", (upd.id,))
+    ).fetchone()
+    new_key = key_of(upd.status, upd.created, STATUS_RANK, TERMINAL)
+    values = {field: getattr(upd, field) for field in _FIELDS}
+    if row is None:
+        after = await (
+            await cur.execute(
+                """
+                INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id, product,
+                    current_period_start, current_period_end, cancel_at_period_end, canceled_at, ended_at,
+                    trial_end, metadata, status_event_created, status_rank)
+                VALUES (%(id)s, %(user_id)s, %(customer)s, %(status)s, %(price_id)s, %(product)s,
+                    %(current_period_start)s, %(current_period_end)s, %(cancel_at_period_end)s,
+                    %(canceled_at)s, %(ended_at)s, %(trial_end)s, %(metadata)s, %(created)s, %(rank)s)
+                RETURNING *
+                """,
+                {
+                    **values,
+                    "id": upd.id,
+                    "user_id": upd.user_id,
+                    "customer": upd.stripe_customer_id,
+                    "metadata": Jsonb(upd.metadata),
+                    "created": upd.created,
+                    "rank": new_key.rank,
+                },
+            )
+        ).fetchone()
+    else:
+        changes: dict[str, Any] = {}
+        if row["user_id"] is None and upd.user_id is not None:
+            changes["user_id"] = upd.user_id
+        if row["stripe_customer_id"] is None and upd.stripe_customer_id is not None:
+            changes["stripe_customer_id"] = upd.stripe_customer_id
+        stored = stored_key(row["status"], row["status_event_created"], row["status_rank"], TERMINAL)
+        if (new_key, _period(upd.current_period_end)) > (stored, _period(row["current_period_end"])):
+            changes.update(
+                values,
+                metadata=Jsonb(upd.metadata),
+                status_event_created=upd.created,
+                status_rank=new_key.rank,
+            )
+        if not changes:
+            return False, _user(row)
+        columns = ", ".join(f"{name} = %({name})s" for name in changes)
+        after = await (
+            await cur.execute(
+                f"UPDATE subscriptions SET {columns}, updated_at = now() WHERE id = %(id)s RETURNING *",
+                {**changes, "id": upd.id},
+            )
+        ).fetchone()
+    assert after is not None
+    if row is None or any(row[f] != after[f] for f in _ANNOUNCED):
+        await emit(
+            conn,
+            SubscriptionUpdated(
+                id=new_id(),
+                occurred_at=at,
+                user_id=_user(after),
+                subscription_id=upd.id,
+                status=after["status"],
+                previous_status=row["status"] if row else None,
+                price_id=after["price_id"],
+                product=after["product"],
+                current_period_end=after["current_period_end"],
+                cancel_at_period_end=after["cancel_at_period_end"],
+                canceled_at=after["canceled_at"],
+                trial_end=after["trial_end"],
+            ),
+        )
+    if after["user_id"] is not None and (row is None or row["user_id"] is None):
+        # Invoices that arrived before their subscription learn its user now.
+        await conn.execute(
+            "UPDATE invoices SET user_id = %s, updated_at = now()"
+            " WHERE subscription_id = %s AND user_id IS NULL",
+            (after["user_id"], upd.id),
+        )
+    await _sync(conn, after, ctx, at)
+    return True, _user(after)
+
+
+async def derive(conn: AsyncConnection[Any], subscription_id: str, ctx: Context, at: datetime) -> None:
+    """Re-derive the entitlements of one subscription from its row (after its user was linked)."""
+    cur = conn.cursor(row_factory=dict_row)
+    row = await (
+        await cur.execute("SELECT * FROM subscriptions WHERE id = %s", (subscription_id,))
+    ).fetchone()
+    if row is not None:
+        await _sync(conn, row, ctx, at)
+
+
+async def _sync(conn: AsyncConnection[Any], row: dict[str, Any], ctx: Context, at: datetime) -> None:
+    changed_at = row["updated_at"] if row["status_event_created"] is None else None
+    grant = entitlements.for_subscription(
+        entitlements.SubscriptionFacts(
+            status=row["status"],
+            product=row["product"],
+            current_period_end=row["current_period_end"],
+            status_changed_at=changed_at or _from_ts(row["status_event_created"]),
+        ),
+        ctx.catalog,
+        ctx.grace,
+    )
+    await entitlements.sync(
+        conn, source_type="subscription", source_id=row["id"], user_id=_user(row), grant=grant, at=at
+    )
+
+
+def _period(value: datetime | None) -> float:
+    return value.timestamp() if value is not None else -1.0
+
+
+def _user(row: dict[str, Any]) -> str | None:
+    return str(row["user_id"]) if row["user_id"] else None
+
+
+def _from_ts(value: int) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
