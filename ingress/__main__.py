@@ -14,7 +14,7 @@ log = logging.getLogger("paybus.ingress")
 
 
 def run(settings: Settings) -> None:
-    publisher = Publisher(settings.amqp_url, settings.publish_timeout)
+    publisher = Publisher(settings.amqp_url, settings.publish_timeout, declare=settings.declare_topology)
     app = create_app(settings, publisher)
     log.info("ingress listening on http://%s:%d%s", settings.ingress_host, settings.ingress_port, settings.webhook_path if not settings.webhook_path_token else "/webhook/stripe/<token>")
     # run_app stops accepting on SIGTERM/SIGINT and lets in-flight requests finish (shutdown_timeout).

@@ -61,7 +61,10 @@ async def serve(settings: Settings) -> None:
     runner: web.AppRunner | None = None
     try:
         setup = await connection.channel()
-        await declare_topology(setup)
+        if settings.declare_topology:
+            await declare_topology(setup)
+        else:  # passive: fails fast, naming the queue, when the definitions were not loaded
+            await setup.declare_queue(EVENTS_QUEUE, passive=True)
         await setup.close()
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=settings.prefetch)

@@ -1,0 +1,89 @@
+"""Fixtures for deployment tests: paybus's broker users imported into a vhost of their own."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from tests.support import AMQP_BASE, REPO, rabbitmqctl, unique, wait_for_sync
+
+DEFINITIONS = REPO / "deploy" / "rabbitmq" / "definitions.json"
+ROLES = ("paybus-ingress", "paybus-processor", "paybus-client", "paybus-operator")
+
+
+def load_script(path: Path) -> ModuleType:
+    """Import a stand-alone deploy/ script (deploy/ is not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass(frozen=True)
+class Broker:
+    """The committed definitions, imported with unique user names into a fresh vhost."""
+
+    vhost: str
+    users: dict[str, str]  # role (e.g. paybus-ingress) -> unique user name
+    passwords: dict[str, str]  # role -> password
+    definitions: dict[str, Any]
+
+    def url(self, role: str) -> str:
+        host = AMQP_BASE.split("@", 1)[1]
+        credentials = f"{quote(self.users[role])}:{quote(self.passwords[role])}"
+        return f"amqp://{credentials}@{host}/{quote(self.vhost, safe='')}"
+
+
+def _listed(kind: str, vhost: str) -> set[str]:
+    out = rabbitmqctl(f"list_{kind}", "-p", vhost, "--no-table-headers", "name")
+    return {line.strip() for line in out.splitlines() if line.strip()}
+
+
+def import_definitions(definitions: dict[str, Any], vhost: str) -> None:
+    """``rabbitmqctl import_definitions`` returns before the import is applied: wait for its queues."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(definitions, handle)
+    # the broker's own process reads the file
+    Path(handle.name).chmod(0o644)
+    try:
+        rabbitmqctl("import_definitions", handle.name)
+        wanted = {q["name"] for q in definitions["queues"]}
+        wait_for_sync(lambda: wanted <= _listed("queues", vhost), timeout=30, interval=0.2)
+    finally:
+        Path(handle.name).unlink()
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[Broker]:
+    set_passwords = load_script(REPO / "deploy" / "rabbitmq" / "set_passwords.py")
+    source = json.loads(DEFINITIONS.read_text())
+    vhost = unique("paybus_deploy")
+    tag = vhost.rsplit("_", 1)[1]
+    users = {role: f"{role}-{tag}" for role in ROLES}
+    passwords = {role: unique("pw") for role in ROLES}
+    # the committed file, with the test's names; passwords go through the operator's own tool
+    renamed = json.loads(json.dumps(source))
+    for user in renamed["users"]:
+        user["name"] = users[user["name"]]
+    for permission in renamed["permissions"]:
+        permission["user"] = users[permission["user"]]
+    environ = {set_passwords.variable_for(users[role]): passwords[role] for role in ROLES}
+    definitions = set_passwords.fill(renamed, environ, vhost=vhost)
+    try:
+        import_definitions(definitions, vhost)
+        yield Broker(vhost, users, passwords, definitions)
+    finally:
+        for name in users.values():
+            subprocess.run(["rabbitmqctl", "-q", "delete_user", name], capture_output=True, check=False)
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, check=False)
