@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,11 +15,15 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import quote
 
+import psycopg
 import pytest
+from psycopg import sql
 
-from tests.support import AMQP_BASE, REPO, rabbitmqctl, unique, wait_for_sync
+from tests.support import AMQP_BASE, PG_BASE, REPO, rabbitmqctl, unique, wait_for_sync
 
 DEFINITIONS = REPO / "deploy" / "rabbitmq" / "definitions.json"
+ROLES_SQL = REPO / "deploy" / "postgres" / "roles.sql"
+GRANTS_SQL = REPO / "deploy" / "postgres" / "grants.sql"
 ROLES = ("paybus-ingress", "paybus-processor", "paybus-client", "paybus-operator")
 
 
@@ -87,3 +93,48 @@ def broker() -> Iterator[Broker]:
         for name in users.values():
             subprocess.run(["rabbitmqctl", "-q", "delete_user", name], capture_output=True, check=False)
         subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, check=False)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    prefix: str
+    dbname: str
+
+    def role(self, what: str) -> str:
+        return f"{self.prefix}_{what}"
+
+    def url(self, what: str, dbname: str | None = None) -> str:
+        host = PG_BASE.split("@", 1)[1]
+        return f"postgresql://{self.role(what)}@{host}/{dbname or self.dbname}"
+
+
+def psql(url: str, script: Path, **variables: str) -> None:
+    args = ["psql", url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(script)]
+    for name, value in variables.items():
+        args += ["-v", f"{name}={value}"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    """Roles with unique names (roles are server-wide), a scratch database, real migrations as the owner."""
+    tag = unique("t").lower()
+    made = Cluster(prefix=tag, dbname=f"{tag}_paybus")
+    try:
+        psql(f"{PG_BASE}/postgres", ROLES_SQL, prefix=made.prefix, dbname=made.dbname)
+        psql(f"{PG_BASE}/postgres", ROLES_SQL, prefix=made.prefix, dbname=made.dbname)  # idempotent
+        env = {**os.environ, "DATABASE_URL": made.url("owner"), "PAYBUS_ENV": "development"}
+        migrate = subprocess.run(
+            [str(Path(sys.executable).parent / "paybus"), "migrate"], env=env, capture_output=True, text=True
+        )
+        assert migrate.returncode == 0, migrate.stderr
+        psql(made.url("owner"), GRANTS_SQL, prefix=made.prefix)
+        psql(made.url("owner"), GRANTS_SQL, prefix=made.prefix)  # idempotent
+        yield made
+    finally:
+        with psycopg.connect(f"{PG_BASE}/postgres", autocommit=True) as conn:
+            drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+            conn.execute(drop.format(sql.Identifier(made.dbname)))
+            for what in ("owner", "processor", "operator", "readonly", "ingress"):
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(made.role(what))))
