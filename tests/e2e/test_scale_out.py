@@ -121,9 +121,11 @@ async def send_all(
     urls: Callable[[], Sequence[str]],
     concurrency: int = 48,
     deadline: float = 600.0,
+    counts: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """POST every delivery like Stripe does: retry (on another ingress) until a 200; count what happened."""
-    counts = {"ok": 0, "retried": 0}
+    counts = counts if counts is not None else {}
+    counts.update(ok=0, retried=0)
     queue: asyncio.Queue[tuple[int, dict[str, Any]]] = asyncio.Queue()
     for index, envelope in enumerate(deliveries):
         queue.put_nowait((index, envelope))
@@ -176,7 +178,7 @@ class Stack:
             self.services.append(service)
             service.wait_ready(f"http://127.0.0.1:{env['METRICS_PORT']}/readyz", timeout=30)
         for n in range(ingresses):
-            env = env_for(self.database, urls[(n + 1) % len(urls)])
+            env = env_for(self.database, urls[n % len(urls)])
             service = Service("ingress", env, self.logs / f"ingress-{n}.log").start()
             self.services.append(service)
             service.wait_ready(f"http://127.0.0.1:{env['INGRESS_PORT']}/readyz", timeout=30)
