@@ -57,7 +57,7 @@ class Publisher:
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 if self._declare:
                     await declare_topology(channel)
-                # ensure=True: a passive declare, which needs no permission and fails if the exchange is missing
+                # ensure=True is a passive declare: no permission needed; fails if the exchange is missing
                 self._exchange = await channel.get_exchange(self._exchange_name, ensure=not self._declare)
                 self._connection, self._channel = connection, channel
                 log.info("connected to RabbitMQ")

@@ -35,7 +35,7 @@ def variable_for(user: str) -> str:
 
 
 def fill(definitions: dict[str, Any], environ: dict[str, str], vhost: str | None = None) -> dict[str, Any]:
-    result = json.loads(json.dumps(definitions))
+    result: dict[str, Any] = json.loads(json.dumps(definitions))
     for user in result.get("users", []):
         password = environ.get(variable_for(user["name"]), "")
         if password:

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any, Final
 
-import jsonschema
-import kubernetes_validate
+import jsonschema  # type: ignore[import-untyped]
+import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 from tests.support import REPO
 

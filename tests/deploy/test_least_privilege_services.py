@@ -71,3 +71,12 @@ def test_ingress_without_configure_rights_needs_declare_topology_off(broker: Bro
         assert caught.value.code == 503
     finally:
         ingress.stop()
+
+
+def test_declare_topology_defaults_on_and_parses_like_every_switch() -> None:
+    from shared.config import ConfigError, load_settings
+
+    assert load_settings({}).declare_topology is True  # `make run` against a guest broker keeps working
+    assert load_settings({"PAYBUS_DECLARE_TOPOLOGY": "false"}).declare_topology is False
+    with pytest.raises(ConfigError, match="PAYBUS_DECLARE_TOPOLOGY must be true or false"):
+        load_settings({"PAYBUS_DECLARE_TOPOLOGY": "sometimes"})

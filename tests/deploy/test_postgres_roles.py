@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(90)
 
 def refused(url: str, statement: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn, pytest.raises(errors.InsufficientPrivilege):
-        conn.execute(statement)  # type: ignore[arg-type]
+        conn.execute(statement)
 
 
 def test_tables_belong_to_the_owner_that_ran_the_migrations(cluster: Cluster) -> None:

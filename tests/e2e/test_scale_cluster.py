@@ -56,9 +56,17 @@ class LocalCluster:
         self.tag = unique("pb")[-8:]
         self.root = Path(tempfile.mkdtemp(prefix=f"paybus-cluster-{self.tag}-"))
         self.root.chmod(0o755)  # the rabbitmq user must reach its data directories
-        self.epmd_port = free_port()
+        ports: set[int] = set()
+        while len(ports) < 1 + 2 * size:  # distinct, though each is only free when picked
+            ports.add(free_port())
+        self.epmd_port, *node_ports = sorted(ports)
         self.nodes = [
-            Node(f"pbt{self.tag}n{i}@localhost", free_port(), free_port(), self.root / f"n{i}")
+            Node(
+                f"pbt{self.tag}n{i}@localhost",
+                node_ports[2 * i - 2],
+                node_ports[2 * i - 1],
+                self.root / f"n{i}",
+            )
             for i in range(1, size + 1)
         ]
         (self.root / "rabbitmq.conf").write_text("loopback_users.guest = true\nlog.file.level = warning\n")
@@ -111,7 +119,20 @@ class LocalCluster:
         self.processes[node.name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
     def await_node(self, node: Node) -> None:
-        self.ctl(node, "await_startup", "--timeout", "120", timeout=150)
+        """await_startup fails at once while the node has not registered with epmd yet: ask again."""
+
+        def up() -> bool:
+            process = self.processes[node.name]
+            if process.poll() is not None:
+                output = (node.base / "server.out").read_text(errors="replace")[-3000:]
+                raise AssertionError(f"{node.name} exited with {process.returncode}: {output}")
+            command = self._as_rabbitmq(node, str(RABBIT_BIN / "rabbitmqctl"), "-q", "-n", node.name)
+            result = subprocess.run(
+                [*command, "await_startup", "--timeout", "60"], capture_output=True, timeout=90
+            )
+            return result.returncode == 0
+
+        wait_for_sync(up, timeout=240, interval=1.0)
 
     def start(self) -> None:
         first, *others = self.nodes
