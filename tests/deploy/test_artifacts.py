@@ -82,6 +82,17 @@ def test_compose_wires_each_service_with_its_own_least_privilege_identity() -> N
     assert all("profiles" not in s for n, s in services.items() if n != "localstripe")
     for name in ("ingress", "processor", "migrate"):
         assert services[name]["read_only"] is True and services[name]["cap_drop"] == ["ALL"]
+    # the broker loads what broker-definitions renders, with the tool the image ships
+    render = " ".join(services["broker-definitions"]["command"])
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "/opt/paybus/share/rabbitmq/set_passwords.py" in render
+    assert (
+        "deploy/rabbitmq/set_passwords.py deploy/rabbitmq/definitions.json /opt/paybus/share/rabbitmq/"
+        in dockerfile
+    )
+    conf = (DEPLOY / "compose" / "rabbitmq.conf").read_text()
+    assert "load_definitions = /etc/rabbitmq/paybus/definitions.json" in conf
+    assert "rabbitmq-definitions:/etc/rabbitmq/paybus:ro" in services["rabbitmq"]["volumes"]
 
 
 # --- Kubernetes ------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from tests.conftest import env_for
 from tests.support import Service, database_url, queue_depth, signed, unique, wait_for
 
 EVENTS: Final = int(os.environ.get("PAYBUS_SCALE_EVENTS", "1000"))
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(max(120, EVENTS // 40))]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(max(180, EVENTS // 10))]
 
 # (event type, payment_intent status on the object) steps of the lifecycles Stripe produces
 CREATED: Final = ("payment_intent.created", "requires_payment_method")
