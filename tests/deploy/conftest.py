@@ -41,7 +41,7 @@ class Broker:
     """The committed definitions, imported with unique user names into a fresh vhost."""
 
     vhost: str
-    users: dict[str, str]  # role (e.g. paybus-ingress) -> unique user name
+    users: dict[str, str]  # role (e.g. paybus-ingress, or "nopassword") -> unique user name
     passwords: dict[str, str]  # role -> password
     definitions: dict[str, Any]
 
@@ -65,7 +65,7 @@ def import_definitions(definitions: dict[str, Any], vhost: str) -> None:
     try:
         rabbitmqctl("import_definitions", handle.name)
         wanted = {q["name"] for q in definitions["queues"]}
-        wait_for_sync(lambda: wanted <= _listed("queues", vhost), timeout=30, interval=0.2)
+        wait_for_sync(lambda: wanted <= _listed("queues", vhost), timeout=30, interval=0.5)
     finally:
         Path(handle.name).unlink()
 
@@ -84,15 +84,36 @@ def broker() -> Iterator[Broker]:
         user["name"] = users[user["name"]]
     for permission in renamed["permissions"]:
         permission["user"] = users[permission["user"]]
+    # one more user exactly as committed (empty hash) with every right: it must still not log in
+    users["nopassword"] = f"paybus-nopassword-{tag}"
+    renamed["users"].append({**source["users"][0], "name": users["nopassword"]})
+    renamed["permissions"].append(
+        {"user": users["nopassword"], "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}
+    )
     environ = {set_passwords.variable_for(users[role]): passwords[role] for role in ROLES}
     definitions = set_passwords.fill(renamed, environ, vhost=vhost)
     try:
         import_definitions(definitions, vhost)
         yield Broker(vhost, users, passwords, definitions)
     finally:
-        for name in users.values():
-            subprocess.run(["rabbitmqctl", "-q", "delete_user", name], capture_output=True, check=False)
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, check=False)
+        # users are broker-wide: delete each (in parallel: every rabbitmqctl start costs a second)
+        cleanups = [
+            subprocess.Popen(
+                ["rabbitmqctl", "-q", "delete_user", name],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for name in users.values()
+        ]
+        cleanups.append(
+            subprocess.Popen(
+                ["rabbitmqctl", "-q", "delete_vhost", vhost],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        for process in cleanups:
+            process.wait(timeout=60)
 
 
 @dataclass(frozen=True)
