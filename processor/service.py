@@ -63,8 +63,13 @@ async def serve(settings: Settings) -> None:
         setup = await connection.channel()
         if settings.declare_topology:
             await declare_topology(setup)
-        else:  # passive: fails fast, naming the queue, when the definitions were not loaded
-            await setup.declare_queue(EVENTS_QUEUE, passive=True)
+        else:  # passive: no configure right needed; fail fast when the definitions were not loaded
+            try:
+                await setup.declare_queue(EVENTS_QUEUE, passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity as exc:
+                log.error("RabbitMQ topology missing (%s): load deploy/rabbitmq/definitions.json "
+                          "or set PAYBUS_DECLARE_TOPOLOGY=true", exc)
+                raise SystemExit(2) from None
         await setup.close()
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=settings.prefetch)

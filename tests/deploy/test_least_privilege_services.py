@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -80,3 +81,18 @@ def test_declare_topology_defaults_on_and_parses_like_every_switch() -> None:
     assert load_settings({"PAYBUS_DECLARE_TOPOLOGY": "false"}).declare_topology is False
     with pytest.raises(ConfigError, match="PAYBUS_DECLARE_TOPOLOGY must be true or false"):
         load_settings({"PAYBUS_DECLARE_TOPOLOGY": "sometimes"})
+
+
+def test_processor_without_the_topology_stops_at_once_and_says_what_to_load(
+    make_vhost: Callable[[], str], tmp_path: Path
+) -> None:
+    env = env_for(f"{PG_BASE}/unused", make_vhost(), PAYBUS_DECLARE_TOPOLOGY="false")
+    processor = Service("processor", env, tmp_path / "processor.log").start()
+    try:
+        assert processor.proc is not None
+        assert processor.proc.wait(timeout=30) == 2
+    finally:
+        processor.stop()
+    log = processor.log()
+    assert "RabbitMQ topology missing" in log and "paybus.stripe-events" in log
+    assert "Traceback" not in log
