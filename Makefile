@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test check lint typecheck migrate bench chaos services clean
+.PHONY: install run test check lint typecheck migrate bench chaos services clean scale cluster-test
 
 install: $(STAMP)
 
@@ -43,6 +43,13 @@ chaos: install services
 
 bench: install services
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+
+# deployment proofs too long for `make test` (deploy/README.md "Scale-out")
+scale: install services
+	PAYBUS_SCALE_EVENTS=20000 $(BIN)/python -m pytest -q -s tests/e2e/test_scale_out.py $(PYTEST_ARGS)
+
+cluster-test: install services
+	PAYBUS_CLUSTER_TEST=1 $(BIN)/python -m pytest -q -s tests/e2e/test_scale_cluster.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

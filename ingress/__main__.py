@@ -18,7 +18,7 @@ log = logging.getLogger("paybus.ingress")
 def run(settings: Settings) -> None:
     provider = setup_tracing("ingress")
     trace.set_tracer_provider(provider)
-    publisher = Publisher(settings.amqp_url, settings.publish_timeout)
+    publisher = Publisher(settings.amqp_url, settings.publish_timeout, declare=settings.declare_topology)
     app = create_app(settings, publisher, tracer=provider.get_tracer("paybus.ingress"))
     log.info(
         "ingress listening on http://%s:%d%s",

@@ -24,8 +24,11 @@ class PublishFailed(Exception):
 class Publisher:
     """Publishes to one exchange with publisher confirms; connects (and reconnects) in the background."""
 
-    def __init__(self, url: str, timeout: float, exchange: str = EVENTS_EXCHANGE) -> None:
+    def __init__(
+        self, url: str, timeout: float, exchange: str = EVENTS_EXCHANGE, declare: bool = True
+    ) -> None:
         self._url = url
+        self._declare = declare
         self._timeout = timeout
         self._exchange_name = exchange
         self._connection: AbstractRobustConnection | None = None
@@ -53,8 +56,10 @@ class Publisher:
                     self._url, client_properties={"connection_name": "paybus-ingress"}, timeout=self._timeout
                 )
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                await declare_topology(channel)
-                self._exchange = await channel.get_exchange(self._exchange_name, ensure=False)
+                if self._declare:
+                    await declare_topology(channel)
+                # ensure=True is a passive declare: no permission needed; fails if the exchange is missing
+                self._exchange = await channel.get_exchange(self._exchange_name, ensure=not self._declare)
                 self._connection, self._channel = connection, channel
                 self._connected.set()
                 log.info("connected to RabbitMQ")

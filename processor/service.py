@@ -100,8 +100,21 @@ async def serve(settings: Settings) -> None:
     requests: RequestService | None = None
     try:
         setup = await connection.channel()
-        # with the configured delays: the Forwarder publishes to these delay queues by name
-        await declare_topology(setup, topology(settings.retry_delays_ms))
+        if settings.declare_topology:
+            # with the configured delays: the Forwarder publishes to these delay queues by name
+            await declare_topology(setup, topology(settings.retry_delays_ms))
+        else:  # passive: no configure right needed; fail fast when the definitions were not loaded
+            try:
+                for queue in (EVENTS_QUEUE, REQUESTS_QUEUE):
+                    await setup.declare_queue(queue, passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity as exc:
+                log.error(
+                    "RabbitMQ topology missing (%s): load deploy/rabbitmq/definitions.json "
+                    "or set PAYBUS_DECLARE_TOPOLOGY=true",
+                    exc,
+                )
+                raise SystemExit(2) from None
+            setup = await connection.channel()  # a failed passive declare closes the channel
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=settings.prefetch)
         forwarder = Forwarder(channel, EVENTS_QUEUE, settings.retry_delays_ms, metrics)

@@ -49,6 +49,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "INFO"
     retry_delays_ms: tuple[int, ...] = (1_000, 5_000, 30_000, 120_000, 600_000)
     grace_days: int = 3
+    # false: the topology is pre-loaded (deploy/rabbitmq/definitions.json) and the services only check
+    # it passively, so their broker users need no configure permission (deploy/README.md).
+    declare_topology: bool = True
 
     @property
     def production(self) -> bool:
@@ -174,6 +177,7 @@ _VARIABLES: Final[dict[str, tuple[str, Callable[[str], Any], bool]]] = {
     "LOG_LEVEL": ("log_level", _level, False),
     "PAYBUS_RETRY_DELAYS_MS": ("retry_delays_ms", _delays, False),
     "ENTITLEMENT_GRACE_DAYS": ("grace_days", _positive_int, False),
+    "PAYBUS_DECLARE_TOPOLOGY": ("declare_topology", _bool, False),
 }
 
 # Values that must never be accepted in production even when set explicitly.
