@@ -1,1 +1,1 @@
-"""paybus benchmarks, side by side with a peer: `make bench` (`python -m tests.bench`); not part of `make test`."""
+"""paybus benchmarks beside a peer: `make bench` runs `python -m tests.bench`; `make test` does not."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -11,6 +13,32 @@ from tests.bench.harness import ensure_py_spy
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
 _LINE = re.compile(r":\d+\)$")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far (from /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Profile:
+    """py-spy on ``pid`` (and its worker children) for ``seconds``, plus the CPU share it used meanwhile.
+
+    py-spy samples only threads that are on the CPU, so a process that waits (on the broker, on the
+    database) shows few samples: the CPU share says how busy it really was.
+    """
+
+    def __init__(self, pid: int, seconds: int, raw: Path) -> None:
+        self.pid, self.seconds, self.raw = pid, seconds, raw
+        self._cpu0, self._t0 = cpu_seconds(pid), time.monotonic()
+        self._spy = start(pid, seconds, raw)
+
+    def save(self, name: str, title: str) -> Path | None:
+        self._spy.wait(timeout=self.seconds + 60)
+        share = (cpu_seconds(self.pid) - self._cpu0) / (time.monotonic() - self._t0)
+        if not self.raw.exists():
+            return None
+        return save(self.raw, name, f"{title}; the process used {share:.0%} of one core meanwhile")
 
 
 def start(pid: int, seconds: int, raw: Path) -> subprocess.Popen[bytes]:
@@ -27,11 +55,11 @@ def start(pid: int, seconds: int, raw: Path) -> subprocess.Popen[bytes]:
         "100",
         "--format",
         "raw",
-        "--nonblocking",
         "--output",
         str(raw),
     ]
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with raw.with_suffix(".log").open("wb") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _frame(frame: str) -> str:
@@ -66,7 +94,7 @@ def summarise(raw: Path, title: str, top: int = 30) -> str:
         self_counts[frames[-1]] += count
         for frame in set(frames):
             total_counts[frame] += count
-    out = [f"# {title}", f"# {samples} samples at 100 Hz (CPU only; idle waits are not sampled)", ""]
+    out = [f"# {title}", f"# {samples} on-CPU samples at 100 Hz (waits are not sampled)", ""]
     out.append("## self (where the CPU is spent)")
     for frame, count in self_counts.most_common(top):
         out.append(f"{100 * count / max(samples, 1):6.1f}%  {frame}")

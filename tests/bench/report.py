@@ -97,7 +97,7 @@ def render(r: Results) -> str:
         f"(achieved {r.e2e_load.get('offered_rate', 0):,.0f}/s, HTTP errors {r.e2e_load.get('errors', '?')})"
     )
     lag = f"{r.e2e.get('p50_ms', 0):.1f} / {r.e2e.get('p99_ms', 0):.1f} / {r.e2e.get('max_ms', 0):.1f}"
-    add(f"  lag received_at -> processed_at p50/p99/max ms{lag:>24}")
+    add(f"  lag received_at -> processed_at, p50/p99/max ms{lag:>22}")
     http = f"{r.e2e_load.get('p50_ms', 0):.2f} / {r.e2e_load.get('p99_ms', 0):.2f}"
     add(f"  HTTP p50 / p99 ms{'':<31}{http:>22}")
     add("")
@@ -137,12 +137,14 @@ def render(r: Results) -> str:
                 f"and p99 <= peer's at each concurrency (peer's best p99 {peer_p99:.2f} ms)"
             )
         add(
-            f"  {_verdict(drain_rate >= DRAIN_VS_PEER * peer_best)}  processor drain >= {DRAIN_VS_PEER}x peer "
+            f"  {_verdict(drain_rate >= DRAIN_VS_PEER * peer_best)}  "
+            f"processor drain >= {DRAIN_VS_PEER}x peer "
             f"({drain_rate:,.0f} vs {peer_best:,.0f} = {_ratio(drain_rate, peer_best)})"
         )
     ingress_rss = max((v for k, v in r.rss.items() if k.startswith("ingress")), default=0.0)
     add(
-        f"  {_verdict(0 < ingress_rss <= INGRESS_RSS_MIB)}  ingress RSS <= {INGRESS_RSS_MIB} MiB ({ingress_rss:.1f})"
+        f"  {_verdict(0 < ingress_rss <= INGRESS_RSS_MIB)}  "
+        f"ingress RSS <= {INGRESS_RSS_MIB} MiB ({ingress_rss:.1f})"
     )
     processor_rss = r.rss.get("processor", 0.0)
     add(
