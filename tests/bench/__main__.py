@@ -28,6 +28,7 @@ from tests.bench.harness import (
     BenchError,
     LoadResult,
     Process,
+    cpu_seconds,
     loadavg,
     require_peer,
     require_wrk,
@@ -113,13 +114,14 @@ class Bench:
         return 8_000 * int(self.args.seconds)
 
     # ---- phases ----------------------------------------------------------------------------------
-    def run_load(self, url: str, connections: int, name: str) -> LoadResult:
+    def run_load(self, url: str, connections: int, name: str, pid: int) -> LoadResult:
         datafile = self.signed_file(name, events.succeeded(self.pool_size()))
-        result = run_wrk(url, datafile, connections, self.args.seconds)
+        result = run_wrk(url, datafile, connections, self.args.seconds, server_pid=pid)
         datafile.unlink()
         print(
             f"  {name}: {result.rate:,.0f}/s p50 {result.p50_ms:.2f} ms p99 {result.p99_ms:.2f} ms "
-            f"errors {result.errors}" + (f" (file wrapped {result.wrapped}x)" if result.wrapped else ""),
+            f"errors {result.errors}, server CPU {result.cpu_ms:.2f} ms/request"
+            + (f" (file wrapped {result.wrapped}x)" if result.wrapped else ""),
             flush=True,
         )
         return result
@@ -128,7 +130,7 @@ class Bench:
         port = free_port()
         bare = self.start("bare", [sys.executable, "-m", "tests.bench.bare", str(port)], {}, cwd=REPO)
         bare.wait_ready(f"http://127.0.0.1:{port}/healthz")
-        self.results.bare = self.run_load(f"http://127.0.0.1:{port}/webhook/stripe", 64, "bare-c64")
+        self.results.bare = self.run_load(f"http://127.0.0.1:{port}/webhook/stripe", 64, "bare-c64", bare.pid)
         self.stop(bare)
 
     def ingress_acceptance(self) -> None:
@@ -139,7 +141,7 @@ class Bench:
         ingress.wait_ready(f"{base}/readyz")
         for connections in (16, 64):
             self.results.ingress[connections] = self.run_load(
-                f"{base}/webhook/stripe", connections, f"ingress-c{connections}"
+                f"{base}/webhook/stripe", connections, f"ingress-c{connections}", ingress.pid
             )
         self.results.rss["ingress"] = ingress.rss_mib()
         if self.args.profile:
@@ -162,7 +164,7 @@ class Bench:
         peer.wait_ready(f"http://127.0.0.1:{port}/healthz", timeout=60)
         for connections in (16, 64):
             self.results.peer[connections] = self.run_load(
-                f"http://127.0.0.1:{port}/webhooks", connections, f"peer-c{connections}"
+                f"http://127.0.0.1:{port}/webhooks", connections, f"peer-c{connections}", peer.pid
             )
         self.results.rss["peer"] = peer.rss_mib()
         with psycopg.connect(url) as conn:
@@ -190,9 +192,11 @@ class Bench:
         started = time.monotonic()
         processor = self.start("processor", [PAYBUS, "processor"], env)
         processor.wait_ready(f"http://127.0.0.1:{env['METRICS_PORT']}/readyz")
-        self.wait_applied(url, amqp, len(backlog), timeout=900 if not self.args.quick else 300)
+        settled = self.wait_applied(url, amqp, len(backlog), timeout=900 if not self.args.quick else 300)
         wall = time.monotonic() - started
-        self.results.drain = self.drain_stats(url, len(backlog), wall)
+        self.results.drain = self.drain_stats(url, settled, wall)
+        self.results.drain["cpu_ms"] = 1000 * cpu_seconds(processor.pid) / max(settled, 1)
+        self.results.drain["settled"] = settled
         print(
             f"  drain: {self.results.drain['rate']:,.0f}/s ({self.results.drain['seconds']:.1f} s from first "
             f"to last apply; {wall:.1f} s from process start)",
@@ -219,7 +223,7 @@ class Bench:
         )
         load.proc.wait(timeout=self.args.e2e_seconds + 120)
         self.results.e2e_load = _last_json(load.log_path)
-        self.wait_applied(url, amqp, len(backlog) + len(stream), timeout=300)
+        self.wait_applied(url, amqp, len(backlog) + len(stream), timeout=600)
         self.results.e2e = self.lag_stats(url, [event_id for event_id, _, _ in stream])
         self.results.rss["ingress (e2e)"] = ingress.rss_mib()
         self.results.rss["processor"] = processor.rss_mib()
@@ -242,7 +246,8 @@ class Bench:
         """Watch the queue (cheap) until it is empty, then the ledger until every event is settled.
 
         Returns the settled count. When fewer than ``expected`` can arrive (the end-to-end run may see 503s
-        under overload), the count is taken as final once it has not moved for five seconds.
+        under overload), the count is taken as final once it has not moved for five seconds; when the
+        time bound runs out, what settled so far is reported (the table shows the count).
         """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -263,7 +268,10 @@ class Bench:
                 elif time.monotonic() - still_since > 5 and asyncio.run(_queue_ready(amqp)) == 0:
                     return settled
                 time.sleep(0.5)
-        raise BenchError(f"not every event was applied within {timeout:.0f}s (expected {expected})")
+            row = conn.execute("SELECT count(*) FROM stripe_events WHERE processed_at IS NOT NULL").fetchone()
+        settled = int(row[0]) if row else 0
+        print(f"  note: {settled:,} of {expected:,} events settled when the {timeout:.0f} s bound ran out")
+        return settled
 
     def drain_stats(self, url: str, count: int, wall: float) -> dict[str, Any]:
         with psycopg.connect(url) as conn:

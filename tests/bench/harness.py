@@ -161,13 +161,31 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     wrapped: int = 0
+    cpu_ms: float = 0.0  # server CPU time per request: steadier than rates on a shared machine
 
     @property
     def rate(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
 
 
-def run_wrk(url: str, datafile: Path, connections: int, seconds: int, threads: int = 1) -> LoadResult:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and its descendants so far (from /proc/PID/stat)."""
+    total = 0.0
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        stack.extend(_children(current))
+    return total
+
+
+def run_wrk(
+    url: str, datafile: Path, connections: int, seconds: int, server_pid: int | None = None, threads: int = 1
+) -> LoadResult:
     argv = [
         require_wrk(),
         f"-t{threads}",
@@ -182,7 +200,9 @@ def run_wrk(url: str, datafile: Path, connections: int, seconds: int, threads: i
         str(datafile),
         str(threads),
     ]
+    cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 180, check=False)
+    cpu = cpu_seconds(server_pid) - cpu_before if server_pid else 0.0
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise BenchError(f"wrk failed ({done.returncode}): {done.stderr[-1000:]} {done.stdout[-1000:]}")
@@ -195,6 +215,7 @@ def run_wrk(url: str, datafile: Path, connections: int, seconds: int, threads: i
         p50_ms=int(data["p50_us"]) / 1000,
         p99_ms=int(data["p99_us"]) / 1000,
         wrapped=int(data["wrapped"]),
+        cpu_ms=1000 * cpu / int(data["requests"]) if server_pid and int(data["requests"]) else 0.0,
     )
 
 

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
-from tests.bench.harness import ensure_py_spy
+from tests.bench.harness import cpu_seconds, ensure_py_spy
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
 _LINE = re.compile(r":\d+\)$")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far (from /proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Profile:

@@ -80,6 +80,11 @@ def render(r: Results) -> str:
             f"{_ratio(ours.p99_ms, theirs.p99_ms) if theirs else 'n/a':>13}"
         )
         add(f"  c={c:<3} errors{'':<37}{ours.errors:>22}{(theirs.errors if theirs else '-'):>22}")
+        add(
+            f"  c={c:<3} server CPU ms per request{'':<18}{ours.cpu_ms:>22.3f}"
+            f"{(theirs.cpu_ms if theirs else 0):>22.3f}"
+            f"{_ratio(ours.cpu_ms, theirs.cpu_ms) if theirs else 'n/a':>13}"
+        )
     add("")
     peer_best = max((p.rate for p in r.peer.values()), default=0.0)
     drain_rate = float(r.drain.get("rate", 0.0))
@@ -90,6 +95,9 @@ def render(r: Results) -> str:
     )
     span = f"{r.drain.get('seconds', 0):.1f} / {r.drain.get('wall', 0):.1f}"
     add(f"  first to last apply / from process start, s{'':<3}{span:>22}")
+    settled = r.drain.get("settled", 0)
+    add(f"  events settled / queued{'':<24}{f'{settled:,} / {r.drain_events:,}':>22}")
+    add(f"  processor CPU ms per event (whole life){'':<8}{r.drain.get('cpu_ms', 0):>22.3f}")
     add("  (peer: its best webhooks/s above; it verifies and writes each webhook inline)")
     add("")
     add(
@@ -100,6 +108,7 @@ def render(r: Results) -> str:
     add(f"  lag received_at -> processed_at, p50/p99/max ms{lag:>22}")
     http = f"{r.e2e_load.get('p50_ms', 0):.2f} / {r.e2e_load.get('p99_ms', 0):.2f}"
     add(f"  HTTP p50 / p99 ms{'':<31}{http:>22}")
+    add(f"  events in the lag figures{'':<22}{r.e2e.get('count', 0):>22,}")
     add("")
     add("memory after the run (VmRSS, MiB)")
     for name, mib in r.rss.items():
