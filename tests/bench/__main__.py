@@ -217,11 +217,12 @@ class Bench:
                 f"{base}/webhook/stripe",
                 str(datafile),
                 str(self.args.rate),
+                str(self.args.e2e_seconds + 30),
             ],
             {},
             cwd=REPO,
         )
-        load.proc.wait(timeout=self.args.e2e_seconds + 120)
+        load.proc.wait(timeout=self.args.e2e_seconds + 120)  # loadgen stops itself at e2e_seconds + 30
         self.results.e2e_load = _last_json(load.log_path)
         self.wait_applied(url, amqp, len(backlog) + len(stream), timeout=600)
         self.results.e2e = self.lag_stats(url, [event_id for event_id, _, _ in stream])
@@ -232,7 +233,7 @@ class Bench:
 
         if self.args.profile:
             self.stop(ingress)
-            more = events.mixed(max(self.args.events // 2, 5_000))
+            more = events.mixed(5_000)
             asyncio.run(ceilings.publish_events(amqp, more))
             profile = profiling.Profile(processor.pid, 20, self.workdir / "processor.raw")
             self.wait_applied(url, amqp, len(backlog) + len(stream) + len(more), timeout=600)

@@ -1,7 +1,9 @@
 """Open-loop load at a fixed rate: request i leaves at start + i/rate, whatever the answers do.
 
-Run as `python -m tests.bench.loadgen URL DATAFILE RATE` in its own process (the file holds one
-pre-signed ``signature<TAB>body`` line per event; every line is sent once). Prints one JSON line.
+Run as `python -m tests.bench.loadgen URL DATAFILE RATE LIMIT_S` in its own process (the file holds one
+pre-signed ``signature<TAB>body`` line per event; every line is sent at most once). When the server
+cannot keep up and the in-flight bound holds requests back, it stops starting new ones after LIMIT_S
+seconds and counts the rest as unsent. Prints one JSON line.
 A closed-loop tool (wrk) slows down when the server does and so hides queueing; this one does not.
 """
 
@@ -17,7 +19,7 @@ import aiohttp
 MAX_IN_FLIGHT = 512  # a bound, so a stalled server cannot make this process grow without limit
 
 
-async def main(url: str, datafile: str, rate: float) -> dict[str, float]:
+async def main(url: str, datafile: str, rate: float, limit: float) -> dict[str, float]:
     with open(datafile, "rb") as source:  # noqa: ASYNC230 - read once, before any request
         lines = [line.rstrip(b"\n").split(b"\t", 1) for line in source]
     latencies: list[float] = []
@@ -48,7 +50,11 @@ async def main(url: str, datafile: str, rate: float) -> dict[str, float]:
 
         tasks = set()
         start = time.perf_counter()
+        unsent = 0
         for i, (sig, body) in enumerate(lines):
+            if time.perf_counter() - start > limit:
+                unsent = len(lines) - i
+                break
             delay = start + i / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -64,6 +70,7 @@ async def main(url: str, datafile: str, rate: float) -> dict[str, float]:
     n = len(latencies)
     return {
         "sent": n,
+        "unsent": unsent,
         "errors": errors,
         "late": late,
         "offered_rate": n / offered_for if offered_for else 0.0,
@@ -73,4 +80,5 @@ async def main(url: str, datafile: str, rate: float) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))), flush=True)
+    result = asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])))
+    print(json.dumps(result), flush=True)

@@ -102,7 +102,8 @@ def render(r: Results) -> str:
     add("")
     add(
         f"end to end at {r.e2e_rate:,}/s offered for {r.e2e_load.get('sent', 0):,} events "
-        f"(achieved {r.e2e_load.get('offered_rate', 0):,.0f}/s, HTTP errors {r.e2e_load.get('errors', '?')})"
+        f"(achieved {r.e2e_load.get('offered_rate', 0):,.0f}/s, HTTP errors {r.e2e_load.get('errors', '?')}, "
+        f"unsent {r.e2e_load.get('unsent', 0):,})"
     )
     lag = f"{r.e2e.get('p50_ms', 0):.1f} / {r.e2e.get('p99_ms', 0):.1f} / {r.e2e.get('max_ms', 0):.1f}"
     add(f"  lag received_at -> processed_at, p50/p99/max ms{lag:>22}")
