@@ -106,7 +106,7 @@ def render(r: Results) -> str:
         f"unsent {r.e2e_load.get('unsent', 0):,})"
     )
     lag = f"{r.e2e.get('p50_ms', 0):.1f} / {r.e2e.get('p99_ms', 0):.1f} / {r.e2e.get('max_ms', 0):.1f}"
-    add(f"  lag received_at -> processed_at, p50/p99/max ms{lag:>22}")
+    add(f"  lag received_at -> processed_at, p50 / p99 / max ms   {lag}")
     http = f"{r.e2e_load.get('p50_ms', 0):.2f} / {r.e2e_load.get('p99_ms', 0):.2f}"
     add(f"  HTTP p50 / p99 ms{'':<31}{http:>22}")
     add(f"  events in the lag figures{'':<22}{r.e2e.get('count', 0):>22,}")
