@@ -1,0 +1,79 @@
+"""What the broker and the database can take from Python at all: confirmed publishes and batched inserts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import aio_pika
+import psycopg
+from pamqp.commands import Basic
+
+from shared.amqp import EVENTS_EXCHANGE, declare_topology
+from shared.envelope import H_EVENT_ID, H_LIVEMODE, H_RECEIVED_AT
+
+IN_FLIGHT = 64
+
+
+async def publish_events(amqp_url: str, events: Sequence[tuple[str, str, bytes]]) -> float:
+    """Publish (id, type, body) to `stripe.events` as the ingress does, 64 confirms in flight; return s.
+
+    This is both how the drain's backlog is made and the raw-publish ceiling: the messages land in the
+    same quorum work queue the ingress feeds.
+    """
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await declare_topology(channel)
+        exchange = await channel.get_exchange(EVENTS_EXCHANGE, ensure=False)
+        pending = iter(events)
+        nacked = 0
+
+        async def worker() -> None:
+            nonlocal nacked
+            for event_id, event_type, body in pending:
+                message = aio_pika.Message(
+                    body,
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    type=event_type,
+                    headers={
+                        H_EVENT_ID: event_id,
+                        H_LIVEMODE: False,
+                        H_RECEIVED_AT: datetime.now(UTC).isoformat(),
+                    },
+                )
+                confirmation = await exchange.publish(message, routing_key=event_type, mandatory=True)
+                if not isinstance(confirmation, Basic.Ack):
+                    nacked += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+        seconds = time.perf_counter() - started
+    if nacked:
+        raise RuntimeError(f"{nacked} publishes were not confirmed")
+    return seconds
+
+
+def batched_inserts(database_url: str, events: Sequence[tuple[str, str, bytes]], batch: int = 500) -> float:
+    """Insert ledger-shaped rows (payload as jsonb) in transactions of ``batch``; return seconds.
+
+    A scratch copy of `stripe_events` (same columns and indexes) keeps the real ledger untouched.
+    """
+    rows = [(event_id, event_type, body.decode()) for event_id, event_type, body in events]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE bench_ceiling_events (LIKE stripe_events INCLUDING ALL)")
+        try:
+            started = time.perf_counter()
+            for offset in range(0, len(rows), batch):
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO bench_ceiling_events (id, type, created, livemode, payload, received_at)"
+                        " VALUES (%s, %s, now(), false, %s::jsonb, now())",
+                        rows[offset : offset + batch],
+                    )
+            return time.perf_counter() - started
+        finally:
+            conn.execute("DROP TABLE bench_ceiling_events")

@@ -1,0 +1,70 @@
+"""The bench's own pieces, no sockets: its events are real signed Stripe events; its table judges right."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ingress.signature import verify
+from shared.envelope import decode_envelope
+from tests.bench import events
+from tests.bench.harness import LoadResult
+from tests.bench.profiling import summarise
+from tests.bench.report import Results, render
+from tests.support import TEST_SECRET
+
+
+def test_bench_events_are_unique_signed_stripe_events(tmp_path: Path) -> None:
+    path = tmp_path / "load.tsv"
+    assert events.write_signed(path, events.succeeded(50), TEST_SECRET) == 50
+    ids, intents = set(), set()
+    for line in path.read_bytes().splitlines():
+        header, body = line.split(b"\t", 1)
+        verify(body, header.decode(), [TEST_SECRET], now=time.time())
+        env = decode_envelope(body)
+        obj = json.loads(body)["data"]["object"]
+        assert env.type == "payment_intent.succeeded" and obj["status"] == "succeeded"
+        assert obj["metadata"]["product"] == events.PRODUCT
+        ids.add(env.id)
+        intents.add(obj["id"])
+    assert len(ids) == len(intents) == 50
+
+
+def test_drain_mix_keeps_a_journey_on_one_object_and_user() -> None:
+    mix = events.mixed(len(events.JOURNEY[0]) + 1)
+    first, second = (json.loads(body) for _, _, body in mix[:2])
+    assert [first["type"], second["type"]] == list(events.JOURNEY[0])
+    assert first["data"]["object"]["id"] == second["data"]["object"]["id"]
+    assert first["data"]["object"]["metadata"] == second["data"]["object"]["metadata"]
+    assert second["created"] > first["created"]
+    assert len({event_id for event_id, _, _ in events.mixed(300)}) == 300
+
+
+def test_profile_summary_ranks_self_and_total_time(tmp_path: Path) -> None:
+    raw = tmp_path / "p.raw"
+    raw.write_text(
+        "main (app.py:1);handle (app.py:5);send (x/site-packages/lib/io.py:9) 30\n"
+        "main (app.py:1);handle (app.py:5) 10\n"
+    )
+    text = summarise(raw, "t")
+    assert "40 on-CPU samples" in text
+    self_part, total_part = text.split("## total")
+    assert self_part.index("75.0%  send (lib/io.py)") < self_part.index("25.0%  handle (app.py)")
+    assert "100.0%  handle (app.py)" in total_part
+
+
+def test_table_marks_each_target() -> None:
+    def load(rate: float, p99: float) -> LoadResult:
+        return LoadResult(requests=int(rate * 10), seconds=10, errors=0, p50_ms=p99 / 2, p99_ms=p99)
+
+    results = Results(quick=False, drain_events=1000, e2e_rate=1000)
+    results.ingress = {16: load(3000, 5), 64: load(4000, 9)}
+    results.peer = {16: load(1000, 10), 64: load(2000, 12)}
+    results.drain = {"rate": 1500.0, "seconds": 1.0, "wall": 2.0, "settled": 1000}
+    results.rss = {"ingress": 60.0, "processor": 200.0}
+    table = render(results)
+    assert "PASS  ingress >= 1.5x peer webhooks/s (4,000 vs 2,000 = 2.00x)" in table
+    assert "FAIL  processor drain >= 1.0x peer (1,500 vs 2,000 = 0.75x)" in table
+    assert "PASS  ingress RSS <= 80 MiB (60.0)" in table
+    assert "FAIL  processor RSS <= 150 MiB (200.0)" in table
