@@ -61,8 +61,14 @@ async def apply_event(
     handlers: dict[str, Handler],
     ctx: Context,
     received_at: str | None = None,
+    *,
+    savepoint: bool = True,
 ) -> Result:
-    """Insert the ledger row and apply the effect in the caller's transaction."""
+    """Insert the ledger row and apply the effect in the caller's transaction.
+
+    ``savepoint=False`` is for batches: any error then aborts the caller's whole transaction, which
+    replays its messages one by one (each with its savepoint) instead.
+    """
     try:
         cur = await conn.execute(
             _INSERT,
@@ -87,7 +93,10 @@ async def apply_event(
         applied = Applied("ignored")
     else:
         try:
-            async with conn.transaction():  # savepoint: a bad payload must not leave a half-applied effect
+            if savepoint:
+                async with conn.transaction():  # a bad payload must not leave a half-applied effect
+                    applied = await handler(conn, event, ctx)
+            else:
                 applied = await handler(conn, event, ctx)
         except (msgspec.ValidationError, psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
             raise Reject("invalid-payload", f"{event.type} payload rejected: {type(exc).__name__}") from None

@@ -29,23 +29,23 @@ class EventPipeline:
         metrics: ProcessorMetrics | None = None,
         tracer: trace.Tracer | None = None,
     ) -> None:
-        self._pool = pool
-        self._handlers = handlers
-        self._ctx = ctx
+        self.pool = pool
+        self.handlers = handlers
+        self.ctx = ctx
         self._metrics = metrics or ProcessorMetrics()
-        self._tracer = tracer or trace.get_tracer("paybus.processor")
+        self.tracer = tracer or trace.get_tracer("paybus.processor")
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
         # queue.iterator() bypasses any consume-callback instrumentation: continue the trace by hand
         token = context.attach(extract(message.headers))
         try:
-            with self._tracer.start_as_current_span(
+            with self.tracer.start_as_current_span(
                 f"process {message.type or 'event'}", kind=SpanKind.CONSUMER
             ) as span:
                 span.set_attributes(
                     {"messaging.system": "rabbitmq", "messaging.destination.name": message.routing_key or ""}
                 )
-                await self.process(message.body, _received_at(message))
+                await self.process(message.body, received_at_of(message))
         finally:
             context.detach(token)
 
@@ -58,26 +58,30 @@ class EventPipeline:
             problem = unknown_schema(event.api_version)
             if problem:
                 raise Reject("unknown-schema", problem)
-            with self._tracer.start_as_current_span("db apply_event", kind=SpanKind.CLIENT) as db_span:
+            with self.tracer.start_as_current_span("db apply_event", kind=SpanKind.CLIENT) as db_span:
                 db_span.set_attributes({"db.system": "postgresql", "db.operation": "transaction"})
-                async with self._pool.connection() as conn, conn.transaction():
-                    result = await apply_event(conn, body, event, self._handlers, self._ctx, received_at)
+                async with self.pool.connection() as conn, conn.transaction():
+                    result = await apply_event(conn, body, event, self.handlers, self.ctx, received_at)
                 db_span.set_attribute("paybus.outcome", result)
         except Reject:
             self._metrics.events.labels(event.type, "failed").inc()
             span.set_status(Status(StatusCode.ERROR, "rejected"))
-            async with self._pool.connection() as conn:
+            async with self.pool.connection() as conn:
                 await record_failed(conn, body, event)
             raise
-        self._metrics.events.labels(event.type, result).inc()
-        self._metrics.processing_seconds.observe(time.perf_counter() - started)
+        self.observe(event.type, result, time.perf_counter() - started, received_at)
+        return result
+
+    def observe(self, event_type: str, result: Result, seconds: float, received_at: str | None) -> None:
+        """Count one committed event: outcome, time spent, and lag since the ingress received it."""
+        self._metrics.events.labels(event_type, result).inc()
+        self._metrics.processing_seconds.observe(seconds)
         if received_at and result != "duplicate":
             lag = (datetime.now(UTC) - datetime.fromisoformat(received_at)).total_seconds()
             self._metrics.lag_seconds.observe(max(lag, 0.0))
-        return result
 
 
-def _received_at(message: AbstractIncomingMessage) -> str | None:
+def received_at_of(message: AbstractIncomingMessage) -> str | None:
     value = (message.headers or {}).get(H_RECEIVED_AT)
     if isinstance(value, bytes):
         value = value.decode()

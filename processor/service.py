@@ -17,6 +17,7 @@ from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
+from processor.batching import EventBatcher
 from processor.catalog import load_catalog
 from processor.consumer import Consumer, Forwarder
 from processor.context import Context
@@ -128,7 +129,8 @@ async def serve(settings: Settings) -> None:
                 await conn.execute("SELECT 1")
 
         pipeline = EventPipeline(pool, handlers(), ctx, metrics, tracer)
-        events = Consumer(channel, EVENTS_QUEUE, pipeline, forwarder, db_check, settings.prefetch)
+        batcher = EventBatcher(pipeline, max_batch=settings.batch_size)
+        events = Consumer(channel, EVENTS_QUEUE, batcher, forwarder, db_check, settings.prefetch)
         requests = await open_request_service(settings, connection, catalog, metrics)
         runner = web.AppRunner(_health_app(events, connection, metrics), access_log=None)
         await runner.setup()

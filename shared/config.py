@@ -46,6 +46,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     publish_timeout: float = 5.0
     metrics_port: int = 9100
     prefetch: int = 64
+    batch_size: int = 50
     log_level: str = "INFO"
     retry_delays_ms: tuple[int, ...] = (1_000, 5_000, 30_000, 120_000, 600_000)
     grace_days: int = 3
@@ -174,6 +175,7 @@ _VARIABLES: Final[dict[str, tuple[str, Callable[[str], Any], bool]]] = {
     "PUBLISH_TIMEOUT": ("publish_timeout", _positive_float, False),
     "METRICS_PORT": ("metrics_port", _port, False),
     "PROCESSOR_PREFETCH": ("prefetch", _positive_int, False),
+    "PROCESSOR_BATCH": ("batch_size", _positive_int, False),
     "LOG_LEVEL": ("log_level", _level, False),
     "PAYBUS_RETRY_DELAYS_MS": ("retry_delays_ms", _delays, False),
     "ENTITLEMENT_GRACE_DAYS": ("grace_days", _positive_int, False),
