@@ -28,19 +28,20 @@ from pamqp.commands import Basic
 
 from processor.errors import DatabaseUnavailable, Reject, Retry
 from shared.amqp import DEAD_LETTER_EXCHANGE, RETRY_EXCHANGE, retry_queue_name, retry_tiers
+from shared.headers import (
+    H_ATTEMPTS,
+    H_DEAD_LETTERED,
+    H_ERROR,
+    H_FIRST_FAILED,
+    H_ORIGINAL_EXCHANGE,
+    H_ORIGINAL_KEY,
+    H_ORIGINAL_QUEUE,
+    H_REASON,
+)
 from shared.telemetry import ProcessorMetrics
 
 log = logging.getLogger("paybus.processor")
 
-H_ATTEMPTS: Final = "x-paybus-attempts"
-H_REASON: Final = "x-paybus-reason"
-H_ERROR: Final = "x-paybus-error"
-H_FIRST_FAILED: Final = "x-paybus-first-failed-at"
-H_DEAD_LETTERED: Final = "x-paybus-dead-lettered-at"
-H_ORIGINAL_EXCHANGE: Final = "x-paybus-original-exchange"
-H_ORIGINAL_KEY: Final = "x-paybus-original-routing-key"
-H_ORIGINAL_QUEUE: Final = "x-paybus-original-queue"
-H_REQUEUED_AT: Final = "x-paybus-requeued-at"
 # Written by the broker; stale on a copy we publish ourselves (our own headers are the record).
 BROKER_HEADERS: Final = frozenset(
     {

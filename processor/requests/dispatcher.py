@@ -21,7 +21,7 @@ from opentelemetry import context, trace
 from opentelemetry.trace import SpanKind
 from psycopg_pool import AsyncConnectionPool
 
-from processor.consumer import CONFLICT_ERRORS, DB_DOWN_ERRORS, H_ATTEMPTS, H_ORIGINAL_KEY
+from processor.consumer import CONFLICT_ERRORS, DB_DOWN_ERRORS
 from processor.customers import ensure_customer
 from processor.errors import DatabaseUnavailable, Retry
 from processor.requests import handlers as request_handlers
@@ -29,6 +29,7 @@ from processor.requests import store
 from processor.requests.base import Deps, Done, KindHandler, Refused
 from processor.stripe_api import StripeFailure, StripeTransient
 from shared.amqp import REQUEST_KINDS, REQUESTS_QUEUE
+from shared.headers import H_ATTEMPTS, H_ORIGINAL_KEY
 from shared.messages import InvalidRequest, Reply, Request, decode_request, failure, kind_of
 from shared.telemetry import ProcessorMetrics, extract
 

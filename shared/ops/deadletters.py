@@ -26,6 +26,18 @@ import msgspec
 
 from shared.amqp import DEAD_LETTER_QUEUE
 from shared.envelope import H_EVENT_ID
+from shared.headers import (
+    H_ATTEMPTS,
+    H_DEAD_LETTERED,
+    H_ERROR,
+    H_FIRST_FAILED,
+    H_ORIGINAL_EXCHANGE,
+    H_ORIGINAL_KEY,
+    H_ORIGINAL_QUEUE,
+    H_REASON,
+    H_REQUEUE_COUNT,
+    H_REQUEUED_AT,
+)
 from shared.logs import redact
 from shared.ops.common import iso
 
@@ -33,16 +45,6 @@ if TYPE_CHECKING:  # aio-pika is imported when a command runs: `paybus --help` s
     import aio_pika
     from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-H_ATTEMPTS: Final = "x-paybus-attempts"
-H_REASON: Final = "x-paybus-reason"
-H_ERROR: Final = "x-paybus-error"
-H_FIRST_FAILED: Final = "x-paybus-first-failed-at"
-H_DEAD_LETTERED: Final = "x-paybus-dead-lettered-at"
-H_ORIGINAL_EXCHANGE: Final = "x-paybus-original-exchange"
-H_ORIGINAL_KEY: Final = "x-paybus-original-routing-key"
-H_ORIGINAL_QUEUE: Final = "x-paybus-original-queue"
-H_REQUEUED_AT: Final = "x-paybus-requeued-at"
-H_REQUEUE_COUNT: Final = "x-paybus-requeue-count"
 # Dropped from a requeued copy: the failure record (a fresh start) and what the broker writes.
 _FAILURE_HEADERS: Final = frozenset(
     {
