@@ -66,6 +66,12 @@ class Publisher:
                 return
             except asyncio.CancelledError:
                 raise
+            except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+                # Not an outage: the broker holds a queue or exchange declared with other arguments
+                # (an older paybus). The broker's text names it and holds no secret.
+                log.error("RabbitMQ topology conflict, see deploy/RUNBOOK.md (topology conflicts): %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
             except Exception as exc:  # broker down or refusing: keep trying, /readyz says why
                 log.warning("RabbitMQ not reachable (%s); retrying in %.1fs", type(exc).__name__, delay)
                 await asyncio.sleep(delay)

@@ -103,7 +103,11 @@ async def serve(settings: Settings) -> None:
         setup = await connection.channel()
         if settings.declare_topology:
             # with the configured delays: the Forwarder publishes to these delay queues by name
-            await declare_topology(setup, topology(settings.retry_delays_ms))
+            try:
+                await declare_topology(setup, topology(settings.retry_delays_ms))
+            except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+                log.error("RabbitMQ topology conflict, see deploy/RUNBOOK.md (topology conflicts): %s", exc)
+                raise SystemExit(2) from None
         else:  # passive: no configure right needed; fail fast when the definitions were not loaded
             try:
                 for queue in (EVENTS_QUEUE, REQUESTS_QUEUE):

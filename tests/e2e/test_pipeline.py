@@ -190,3 +190,40 @@ async def test_send_event_lands_in_payments(
         return await _one(conn, "SELECT status FROM payments WHERE user_id = %s", user)
 
     assert await wait_for(landed) == "succeeded"
+
+
+async def test_a_conflicting_queue_on_the_broker_is_named_and_stops_the_processor(
+    database: str, make_vhost: Callable[[], str], tmp_path: Path
+) -> None:
+    import aio_pika
+
+    from tests.conftest import env_for
+    from tests.support import Service, wait_for_sync
+
+    amqp = make_vhost()
+    connection = await aio_pika.connect(amqp)
+    async with connection:  # what an older paybus left: the dead-letter queue without its delivery limit
+        channel = await connection.channel()
+        await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+    env = env_for(database, amqp)
+    processor = Service("processor", env, tmp_path / "processor.log").start()
+    assert processor.proc is not None
+    assert processor.proc.wait(timeout=60) == 2
+    log = processor.log()
+    assert "RabbitMQ topology conflict" in log and "paybus.dead-letter" in log and "x-delivery-limit" in log
+    assert "Traceback" not in log
+    processor.stop()
+
+    # the ingress keeps running, says the same, and is not ready (Stripe gets 503s and retries)
+    ingress = Service("ingress", env, tmp_path / "ingress.log").start()
+    try:
+        wait_for_sync(lambda: "RabbitMQ topology conflict" in ingress.log(), timeout=30)
+        with urllib.request.urlopen(f"http://127.0.0.1:{env['INGRESS_PORT']}/healthz", timeout=5) as response:
+            assert response.status == 200
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{env['INGRESS_PORT']}/readyz", timeout=5)
+            raise AssertionError("ingress reported ready with a conflicting topology")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503
+    finally:
+        ingress.stop()
