@@ -18,7 +18,7 @@ from opentelemetry import context, trace
 from opentelemetry.trace import Link, SpanKind
 
 from processor.consumer import DB_DOWN_ERRORS
-from processor.ledger import Result, apply_event, parse_event
+from processor.ledger import Result, apply_event, finish_many, parse_event
 from processor.pipeline import EventPipeline, received_at_of
 from processor.schema import unknown_schema
 from shared.telemetry import extract
@@ -119,6 +119,7 @@ class EventBatcher:
         ) as db_span:
             db_span.set_attributes({"db.system": "postgresql", "paybus.batch_size": len(batch)})
             results: list[Result] = []
+            finished: list[tuple[str, str, str | None]] = []
             async with pipeline.pool.connection() as conn, conn.transaction():
                 for message, event in items:
                     results.append(
@@ -130,8 +131,10 @@ class EventBatcher:
                             pipeline.ctx,
                             received_at_of(message),
                             savepoint=False,
+                            finished=finished,
                         )
                     )
+                await finish_many(conn, finished)
         elapsed = (time.perf_counter() - started) / len(items)
         for (message, event), result in zip(items, results, strict=True):
             pipeline.observe(event.type, result, elapsed, received_at_of(message))
