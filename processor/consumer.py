@@ -27,7 +27,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 from pamqp.commands import Basic
 
 from processor.errors import DatabaseUnavailable, Reject, Retry
-from shared.amqp import DEAD_LETTER_EXCHANGE, RETRY_EXCHANGE, retry_queue_name, retry_tiers
+from shared.amqp import DEAD_LETTER_EXCHANGE, RETRY_EXCHANGE, copy_message, retry_queue_name, retry_tiers
 from shared.headers import (
     H_ATTEMPTS,
     H_DEAD_LETTERED,
@@ -102,21 +102,6 @@ class Forwarder:
         self._retry = await self._channel.get_exchange(RETRY_EXCHANGE, ensure=False)
         self._dead = await self._channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
 
-    def _copy(self, message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
-        return aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-            type=message.type,
-            app_id=message.app_id,
-        )
-
     def _base_headers(self, message: AbstractIncomingMessage, error: str) -> dict[str, Any]:
         headers = {k: v for k, v in (message.headers or {}).items() if k not in BROKER_HEADERS}
         # Set once, on the first failure: a message coming back from a delay queue arrives through the
@@ -136,12 +121,12 @@ class Forwarder:
         if attempts > len(self._tiers):
             headers[H_REASON] = "retries-exhausted"
             headers[H_DEAD_LETTERED] = _now()
-            await self._publish(self._dead, self._copy(message, headers), "")
+            await self._publish(self._dead, copy_message(message, headers), "")
             self._metrics.dead_letters.labels(self._queue_name, "retries-exhausted").inc()
             return "dead-lettered"
         delay = self._rng.choice(self._tiers[attempts - 1])
         key = retry_queue_name(self._queue_name, delay)
-        await self._publish(self._retry, self._copy(message, headers), key)
+        await self._publish(self._retry, copy_message(message, headers), key)
         self._metrics.retries.labels(self._queue_name).inc()
         return f"retry in {delay}ms"
 
@@ -150,7 +135,7 @@ class Forwarder:
         headers[H_REASON] = reason
         headers[H_ATTEMPTS] = int(_header(message, H_ATTEMPTS) or 0) + 1
         headers[H_DEAD_LETTERED] = _now()
-        await self._publish(self._dead, self._copy(message, headers), "")
+        await self._publish(self._dead, copy_message(message, headers), "")
         self._metrics.dead_letters.labels(self._queue_name, reason).inc()
 
     async def _publish(self, exchange: AbstractExchange | None, message: aio_pika.Message, key: str) -> None:

@@ -7,7 +7,7 @@ from typing import Any, Final
 
 import aio_pika
 import msgspec
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 EVENTS_EXCHANGE: Final = "stripe.events"
 EVENTS_QUEUE: Final = "paybus.stripe-events"
@@ -65,6 +65,23 @@ class Topology(msgspec.Struct, frozen=True):
     exchanges: tuple[Exchange, ...]
     queues: tuple[Queue, ...]
     bindings: tuple[Binding, ...]
+
+
+def copy_message(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """The same body and properties, persistent, with ``headers``: for retries, dead letters, requeues."""
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+    )
 
 
 def retry_queue_name(work_queue: str, delay_ms: int) -> str:

@@ -8,7 +8,6 @@ warning_closed < won < lost; warning_closed, won and lost are terminal.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import msgspec
@@ -16,9 +15,7 @@ from psycopg import AsyncConnection
 
 from processor.context import Context
 from processor.events import Applied, Event, Handler
-from processor.events.charges import ref, settle_intent
-from processor.events.refunds import intent_of_charge
-from processor.store import objects
+from processor.events.refunds import apply_charge_child
 
 STATUS_RANK: Final = {
     "warning_needs_response": 0,
@@ -43,29 +40,9 @@ class Dispute(msgspec.Struct, frozen=True):
 
 
 async def on_dispute(conn: AsyncConnection[Any], event: Event, ctx: Context) -> Applied:
-    dispute = event.object(Dispute)
-    charge = ref(dispute.charge)
-    intent = ref(dispute.payment_intent)
-    changed, _, _ = await objects.upsert(
-        conn,
-        "disputes",
-        dispute.id,
-        status=dispute.status,
-        created=event.created,
-        ranks=STATUS_RANK,
-        terminal=TERMINAL,
-        fields={
-            "amount": dispute.amount,
-            "currency": (dispute.currency or "").lower() or None,
-            "reason": dispute.reason,
-        },
-        learned={"stripe_payment_intent_id": intent, "stripe_charge_id": charge},
+    return await apply_charge_child(
+        conn, "disputes", event.object(Dispute), event, ctx, STATUS_RANK, TERMINAL
     )
-    if not changed:
-        return Applied("stale")
-    intent = intent or await intent_of_charge(conn, charge)
-    user = await settle_intent(conn, intent, ctx, datetime.fromtimestamp(event.created, UTC))
-    return Applied("applied", user)
 
 
 HANDLERS: Final[dict[str, Handler]] = {

@@ -9,7 +9,7 @@ Ranks: pending < requires_action < succeeded < failed < canceled; failed and can
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgspec
 from psycopg import AsyncConnection
@@ -42,22 +42,49 @@ async def intent_of_charge(conn: AsyncConnection[Any], charge: str | None) -> st
     return row[0] if row else None
 
 
-async def on_refund(conn: AsyncConnection[Any], event: Event, ctx: Context) -> Applied:
-    refund = event.object(Refund)
-    charge = ref(refund.charge)
-    intent = ref(refund.payment_intent)
+class ChargeChild(Protocol):
+    """A refund or a dispute: an object of its own that hangs off a charge / PaymentIntent."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def amount(self) -> int: ...
+    @property
+    def currency(self) -> str | None: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def charge(self) -> str | dict[str, Any] | None: ...
+    @property
+    def payment_intent(self) -> str | dict[str, Any] | None: ...
+
+
+async def apply_charge_child(
+    conn: AsyncConnection[Any],
+    table: str,
+    obj: ChargeChild,
+    event: Event,
+    ctx: Context,
+    ranks: dict[str, int],
+    terminal: frozenset[str],
+) -> Applied:
+    """Guarded upsert of the child row, then fold it into its payment (refunded amount, dispute state)."""
+    charge = ref(obj.charge)
+    intent = ref(obj.payment_intent)
     changed, _, _ = await objects.upsert(
         conn,
-        "refunds",
-        refund.id,
-        status=refund.status,
+        table,
+        obj.id,
+        status=obj.status,
         created=event.created,
-        ranks=STATUS_RANK,
-        terminal=TERMINAL,
+        ranks=ranks,
+        terminal=terminal,
         fields={
-            "amount": refund.amount,
-            "currency": (refund.currency or "").lower() or None,
-            "reason": refund.reason,
+            "amount": obj.amount,
+            "currency": (obj.currency or "").lower() or None,
+            "reason": obj.reason,
         },
         learned={"stripe_payment_intent_id": intent, "stripe_charge_id": charge},
     )
@@ -66,6 +93,10 @@ async def on_refund(conn: AsyncConnection[Any], event: Event, ctx: Context) -> A
     intent = intent or await intent_of_charge(conn, charge)
     user = await settle_intent(conn, intent, ctx, datetime.fromtimestamp(event.created, UTC))
     return Applied("applied", user)
+
+
+async def on_refund(conn: AsyncConnection[Any], event: Event, ctx: Context) -> Applied:
+    return await apply_charge_child(conn, "refunds", event.object(Refund), event, ctx, STATUS_RANK, TERMINAL)
 
 
 HANDLERS: Final[dict[str, Handler]] = {

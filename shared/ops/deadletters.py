@@ -155,26 +155,13 @@ class DeadLetter:
 
     def requeue_message(self, now: datetime) -> aio_pika.Message:
         """The original message again: same body and properties, attempts reset, requeue stamped."""
-        import aio_pika
+        from shared.amqp import copy_message
 
         headers = {k: v for k, v in self.headers.items() if k not in _FAILURE_HEADERS}
         headers[H_REQUEUED_AT] = iso(now)
         previous = self.headers.get(H_REQUEUE_COUNT)
         headers[H_REQUEUE_COUNT] = (previous if isinstance(previous, int) else 0) + 1
-        m = self.message
-        return aio_pika.Message(
-            m.body,
-            headers=headers,
-            content_type=m.content_type,
-            content_encoding=m.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            correlation_id=m.correlation_id,
-            reply_to=m.reply_to,
-            message_id=m.message_id,
-            timestamp=m.timestamp,
-            type=m.type,
-            app_id=m.app_id,
-        )
+        return copy_message(self.message, headers)
 
 
 class Filters(msgspec.Struct, frozen=True):
