@@ -108,3 +108,22 @@ async def test_a_duplicate_inside_one_batch_is_applied_once(
     ).fetchone()
     assert row == (1,)
     assert await _outcomes(conn, [envelope["id"]]) == {envelope["id"]: "applied"}
+
+
+async def test_a_backlog_drains_in_full_batches_one_at_a_time(
+    batcher: Any, conn: psycopg.AsyncConnection[Any]
+) -> None:
+    """Messages that arrive while a batch runs wait for it and form the next one: no small concurrent
+    batches that would contend for the same rows and connections."""
+    work, exporter = batcher
+    envelopes = [samples.sample_event("payment_intent.succeeded") for _ in range(35)]
+    await asyncio.gather(*(work(Delivery(samples.encode(e))) for e in envelopes))  # type: ignore[arg-type]
+    ids = [e["id"] for e in envelopes]
+    assert await _outcomes(conn, ids) == dict.fromkeys(ids, "applied")
+    batches = sorted(
+        (s for s in exporter.get_finished_spans() if s.name == "db apply_batch"),
+        key=lambda s: s.start_time or 0,
+    )
+    assert [s.attributes["paybus.batch_size"] for s in batches] == [10, 10, 10, 5]
+    for earlier, later in zip(batches, batches[1:], strict=False):
+        assert (later.start_time or 0) >= (earlier.end_time or 0), "two batches ran at the same time"
