@@ -30,7 +30,11 @@ if ! pg_up; then
   }
 fi
 if ! amqp_up; then
-  if command -v rabbitmq-server >/dev/null; then
+  # A node that is still booting has no listener yet: starting a second one beside it only leaves
+  # stray nodes fighting over the same name, so wait for the one that is there.
+  if pgrep -f 'beam.*-s rabbit boot' >/dev/null; then
+    echo "waiting for RabbitMQ to finish starting ..."
+  elif command -v rabbitmq-server >/dev/null; then
     echo "starting RabbitMQ ..."
     rabbitmq-server -detached || true
   fi
