@@ -23,7 +23,7 @@ from opentelemetry import context, trace
 from opentelemetry.trace import Link, SpanKind
 
 from processor.consumer import DB_DOWN_ERRORS
-from processor.ledger import Result, apply_event, finish_many, parse_event
+from processor.ledger import Result, apply_event, finish_many, parse_event, record_many, transaction
 from processor.pipeline import EventPipeline, received_at_of
 from processor.schema import unknown_schema
 from shared.telemetry import extract
@@ -120,8 +120,11 @@ class EventBatcher:
             db_span.set_attributes({"db.system": "postgresql", "paybus.batch_size": len(batch)})
             results: list[Result] = []
             finished: list[tuple[str, str, str | None]] = []
-            async with pipeline.pool.connection() as conn, conn.transaction():
-                for message, event in items:
+            async with pipeline.pool.connection() as conn, transaction(conn):
+                recorded = await record_many(
+                    conn, [(message.body, event, received_at_of(message)) for message, event in items]
+                )
+                for (message, event), new in zip(items, recorded, strict=True):
                     results.append(
                         await apply_event(
                             conn,
@@ -129,9 +132,9 @@ class EventBatcher:
                             event,
                             pipeline.handlers,
                             pipeline.ctx,
-                            received_at_of(message),
                             savepoint=False,
                             finished=finished,
+                            recorded=new,
                         )
                     )
                 await finish_many(conn, finished)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
@@ -27,6 +29,7 @@ ON CONFLICT (id) DO UPDATE
                            ELSE stripe_events.reapplied_at END,
        reapply_requested_at = NULL
  WHERE stripe_events.outcome = 'failed' OR stripe_events.reapply_requested_at IS NOT NULL
+RETURNING id
 """
 # A dead-lettered event is recorded as `failed` so the audit log shows it; a later requeue or replay
 # may still apply it, which is why the insert above re-opens a `failed` row instead of skipping it.
@@ -47,6 +50,20 @@ UPDATE stripe_events
 """
 
 
+@contextlib.asynccontextmanager
+async def transaction(conn: AsyncConnection[Any]) -> AsyncIterator[None]:
+    """The transaction events are applied in, in pipeline mode.
+
+    A statement whose result nobody reads (a lock, an UPDATE, an outbox INSERT) is sent without waiting
+    for the server; reading a result (`fetchone`/`fetchall`), a savepoint's end and the COMMIT wait for
+    everything sent before them, and raise any error it caused there. So code run in here reads what a
+    statement did through its rows (`RETURNING`), never through `rowcount`, which stays -1 until the
+    pipeline syncs. Per statement this saves most of a round trip and about half of psycopg's CPU.
+    """
+    async with conn.pipeline(), conn.transaction():
+        yield
+
+
 def parse_event(body: bytes) -> Event:
     try:
         return decode_event(body)
@@ -64,31 +81,22 @@ async def apply_event(
     *,
     savepoint: bool = True,
     finished: list[tuple[str, str, str | None]] | None = None,
+    recorded: bool | None = None,
 ) -> Result:
     """Insert the ledger row and apply the effect in the caller's transaction.
 
     ``savepoint=False`` is for batches: any error then aborts the caller's whole transaction, which
     replays its messages one by one (each with its savepoint) instead. With ``finished`` the outcome is
-    appended there instead of written, for one `finish_many` per batch.
+    appended there instead of written, for one `finish_many` per batch. ``recorded`` says that the
+    caller has already inserted the ledger row (`record_many`): True if it was new, False if a duplicate.
     """
-    try:
-        cur = await conn.execute(
-            _INSERT,
-            (
-                event.id,
-                event.type,
-                event.created,
-                event.livemode,
-                event.account,
-                event.api_version,
-                event.object_id,
-                body.decode("utf-8"),
-                received_at,
-            ),
-        )
-    except (psycopg.errors.DataError, psycopg.errors.UntranslatableCharacter, UnicodeDecodeError) as exc:
-        raise Reject("poison", f"event cannot be stored: {type(exc).__name__}") from None
-    if cur.rowcount == 0:
+    if recorded is None:
+        try:
+            cur = await conn.execute(_INSERT, (*_ledger_row(body, event), received_at))
+            recorded = await cur.fetchone() is not None  # a result, not `rowcount`: see `transaction`
+        except (psycopg.errors.DataError, psycopg.errors.UntranslatableCharacter, UnicodeDecodeError) as exc:
+            raise Reject("poison", f"event cannot be stored: {type(exc).__name__}") from None
+    if not recorded:
         return "duplicate"
     handler = handlers.get(event.type)
     if handler is None:
@@ -107,6 +115,46 @@ async def apply_event(
     else:
         await conn.execute(_FINISH, (applied.outcome, applied.user_id, event.id))
     return applied.outcome
+
+
+def _ledger_row(body: bytes, event: Event) -> tuple[Any, ...]:
+    return (
+        event.id,
+        event.type,
+        event.created,
+        event.livemode,
+        event.account,
+        event.api_version,
+        event.object_id,
+        body.decode("utf-8"),
+    )
+
+
+async def record_many(conn: AsyncConnection[Any], items: list[tuple[bytes, Event, str | None]]) -> list[bool]:
+    """Insert the ledger rows of a batch, pipelined; say for each whether it is new.
+
+    The second copy of an event inside one batch is a duplicate of the first (and is not inserted
+    again). `executemany` rather than one INSERT over arrays: quoting every payload into an array
+    literal cost more CPU than the statements it saved.
+    """
+    first: dict[str, tuple[bytes, Event, str | None]] = {}
+    for item in items:
+        first.setdefault(item[1].id, item)
+    cur = conn.cursor()
+    await cur.executemany(_INSERT, [(*_ledger_row(b, e), r) for b, e, r in first.values()], returning=True)
+    new: set[str] = set()
+    while True:
+        row = await cur.fetchone()
+        if row is not None:
+            new.add(row[0])
+        if not cur.nextset():
+            break
+    seen: set[str] = set()
+    recorded = []
+    for _, event, _ in items:
+        recorded.append(event.id in new and event.id not in seen)
+        seen.add(event.id)
+    return recorded
 
 
 _FINISH_MANY: Final = """

@@ -14,7 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 from processor.context import Context
 from processor.errors import Reject
 from processor.events import Handler
-from processor.ledger import Result, apply_event, parse_event, record_failed
+from processor.ledger import Result, apply_event, parse_event, record_failed, transaction
 from processor.schema import unknown_schema
 from shared.envelope import H_RECEIVED_AT
 from shared.telemetry import ProcessorMetrics, extract
@@ -60,7 +60,7 @@ class EventPipeline:
                 raise Reject("unknown-schema", problem)
             with self.tracer.start_as_current_span("db apply_event", kind=SpanKind.CLIENT) as db_span:
                 db_span.set_attributes({"db.system": "postgresql", "db.operation": "transaction"})
-                async with self.pool.connection() as conn, conn.transaction():
+                async with self.pool.connection() as conn, transaction(conn):
                     result = await apply_event(conn, body, event, self.handlers, self.ctx, received_at)
                 db_span.set_attribute("paybus.outcome", result)
         except Reject:

@@ -54,10 +54,11 @@ async def map_customer(
                     ON CONFLICT (stripe_customer_id)
                     DO UPDATE SET user_id = EXCLUDED.user_id, updated_at = now()
                      WHERE stripe_customers.user_id IS NULL
+                    RETURNING 1
                     """,
                     (customer, user_id),
                 )
-                changed = cur.rowcount > 0
+                changed = await cur.fetchone() is not None
         except psycopg.errors.UniqueViolation:
             pass
     return await link_orphans(conn, customer, user_id, ctx, at) or changed
@@ -85,12 +86,14 @@ async def link_orphans(
     ).fetchall()
     for (sub_id,) in subs:
         await subscriptions.derive(conn, sub_id, ctx, at)
-    invoices = await conn.execute(
-        "UPDATE invoices SET user_id = %s, updated_at = now()"
-        " WHERE stripe_customer_id = %s AND user_id IS NULL",
-        (user_id, customer),
-    )
-    return bool(rows or subs or invoices.rowcount)
+    invoices = await (
+        await conn.execute(
+            "UPDATE invoices SET user_id = %s, updated_at = now()"
+            " WHERE stripe_customer_id = %s AND user_id IS NULL RETURNING id",
+            (user_id, customer),
+        )
+    ).fetchall()
+    return bool(rows or subs or invoices)
 
 
 _UPSERT: Final = """
@@ -100,6 +103,7 @@ ON CONFLICT (stripe_customer_id) DO UPDATE
    SET email = EXCLUDED.email, name = EXCLUDED.name, deleted = EXCLUDED.deleted,
        event_created = EXCLUDED.event_created, updated_at = now()
  WHERE (EXCLUDED.deleted, EXCLUDED.event_created) > (c.deleted, COALESCE(c.event_created, -1))
+RETURNING 1
 """
 
 
@@ -120,7 +124,7 @@ async def on_customer(conn: AsyncConnection[Any], event: Event, ctx: Context) ->
             "created": event.created,
         },
     )
-    changed = cur.rowcount > 0
+    changed = await cur.fetchone() is not None
     if user_id:
         changed = await map_customer(conn, customer.id, user_id, ctx, at) or changed
     else:

@@ -77,7 +77,13 @@ async def settle(
     )
     user = str(row["user_id"]) if row["user_id"] else None
     await entitlements.sync(
-        conn, source_type="payment", source_id=payment_id, user_id=user, grant=grant, at=at
+        conn,
+        source_type="payment",
+        source_id=payment_id,
+        user_id=user,
+        grant=grant,
+        at=at,
+        new_source=before is None,
     )
     return changed
 

@@ -13,6 +13,7 @@ retried and succeed, and that later event must win.
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -72,8 +73,7 @@ async def apply(conn: AsyncConnection[Any], upd: PaymentUpdate) -> tuple[bool, s
         )
     ).fetchall()
     if not rows:
-        row = await _insert(conn, upd)
-        return True, str(row["id"]), None
+        return True, await _insert(conn, upd), None
     mergeable = len(rows) == 2 and all(r["stripe_payment_intent_id"] in (None, upd.intent) for r in rows)
     if mergeable:
         row, before = await _merge(conn, rows, upd.intent)
@@ -114,40 +114,38 @@ async def apply(conn: AsyncConnection[Any], upd: PaymentUpdate) -> tuple[bool, s
     return bool(changes), str(row["id"]), before
 
 
-async def _insert(conn: AsyncConnection[Any], upd: PaymentUpdate) -> dict[str, Any]:
-    cur = conn.cursor(row_factory=dict_row)
-    row = await (
-        await cur.execute(
-            """
-            INSERT INTO payments (user_id, stripe_payment_intent_id, stripe_checkout_session_id,
-                                  stripe_customer_id, subscription_id, mode, amount, currency, status,
-                                  product, last_error, metadata, status_event_created, status_rank, paid_at)
-            VALUES (%(user_id)s, %(intent)s, %(session)s, %(customer)s, %(subscription)s, %(mode)s,
-                    %(amount)s, %(currency)s, %(status)s, %(product)s, %(error)s, %(metadata)s, %(created)s,
-                    %(rank)s,
-                    CASE WHEN %(status)s = 'succeeded' THEN to_timestamp(%(created)s) END)
-            RETURNING *
-            """,
-            {
-                "user_id": upd.user_id,
-                "intent": upd.intent,
-                "session": upd.session,
-                "customer": upd.stripe_customer_id,
-                "subscription": upd.subscription_id,
-                "mode": upd.mode or "payment",
-                "amount": upd.amount or 0,
-                "currency": upd.currency or "inr",
-                "status": upd.status,
-                "product": upd.product,
-                "error": upd.error,
-                "metadata": Jsonb(upd.metadata),
-                "created": upd.created,
-                "rank": STATUS_RANK[upd.status],
-            },
-        )
-    ).fetchone()
-    assert row is not None
-    return row
+async def _insert(conn: AsyncConnection[Any], upd: PaymentUpdate) -> str:
+    """Insert the row; return its id (made here, so the INSERT need not wait for an answer)."""
+    payment_id = str(uuid.uuid4())
+    await conn.execute(
+        """
+        INSERT INTO payments (id, user_id, stripe_payment_intent_id, stripe_checkout_session_id,
+                              stripe_customer_id, subscription_id, mode, amount, currency, status,
+                              product, last_error, metadata, status_event_created, status_rank, paid_at)
+        VALUES (%(id)s, %(user_id)s, %(intent)s, %(session)s, %(customer)s, %(subscription)s, %(mode)s,
+                %(amount)s, %(currency)s, %(status)s, %(product)s, %(error)s, %(metadata)s, %(created)s,
+                %(rank)s,
+                CASE WHEN %(status)s = 'succeeded' THEN to_timestamp(%(created)s) END)
+        """,
+        {
+            "id": payment_id,
+            "user_id": upd.user_id,
+            "intent": upd.intent,
+            "session": upd.session,
+            "customer": upd.stripe_customer_id,
+            "subscription": upd.subscription_id,
+            "mode": upd.mode or "payment",
+            "amount": upd.amount or 0,
+            "currency": upd.currency or "inr",
+            "status": upd.status,
+            "product": upd.product,
+            "error": upd.error,
+            "metadata": Jsonb(upd.metadata),
+            "created": upd.created,
+            "rank": STATUS_RANK[upd.status],
+        },
+    )
+    return payment_id
 
 
 async def _update(conn: AsyncConnection[Any], payment_id: Any, changes: dict[str, Any]) -> None:

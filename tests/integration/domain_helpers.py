@@ -11,7 +11,7 @@ import psycopg
 from processor.catalog import Catalog, load_catalog
 from processor.context import Context
 from processor.events import decode_event, handlers
-from processor.ledger import Result, apply_event
+from processor.ledger import Result, apply_event, transaction
 from shared import samples
 from shared.config import REPO_ROOT
 
@@ -27,7 +27,7 @@ Conn = psycopg.AsyncConnection[Any]
 async def deliver(conn: Conn, envelope: dict[str, Any], ctx: Context = CTX) -> Result:
     """One delivery: ledger row + effect in one transaction, like `EventPipeline.process`."""
     body = samples.encode(envelope)
-    async with conn.transaction():
+    async with transaction(conn):
         return await apply_event(conn, body, decode_event(body), HANDLERS, ctx)
 
 

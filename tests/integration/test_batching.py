@@ -127,3 +127,22 @@ async def test_a_backlog_drains_in_full_batches_one_at_a_time(
     assert [s.attributes["paybus.batch_size"] for s in batches] == [10, 10, 10, 5]
     for earlier, later in zip(batches, batches[1:], strict=False):
         assert (later.start_time or 0) >= (earlier.end_time or 0), "two batches ran at the same time"
+
+
+async def test_a_batch_of_events_already_applied_changes_nothing(
+    batcher: Any, conn: psycopg.AsyncConnection[Any]
+) -> None:
+    work, exporter = batcher
+    envelopes = [samples.sample_event("payment_intent.succeeded") for _ in range(10)]
+    bodies = [samples.encode(e) for e in envelopes]
+    await asyncio.gather(*(work(Delivery(b)) for b in bodies))  # type: ignore[arg-type]
+    users = [e["data"]["object"]["metadata"]["user_id"] for e in envelopes]
+    count = "SELECT count(*) FROM outbox WHERE user_id = ANY(%s::uuid[])"
+    before = await (await conn.execute(count, (users,))).fetchone()
+    assert before is not None and before[0] >= 10
+    await asyncio.gather(*(work(Delivery(b)) for b in reversed(bodies)))  # type: ignore[arg-type]
+    assert await (await conn.execute(count, (users,))).fetchone() == before
+    batches = [
+        s.attributes["paybus.batch_size"] for s in exporter.get_finished_spans() if s.name == "db apply_batch"
+    ]
+    assert batches == [10, 10]  # the second delivery went through the batch path too, as duplicates
