@@ -36,7 +36,16 @@ if ! amqp_up; then
     echo "waiting for RabbitMQ to finish starting ..."
   elif command -v rabbitmq-server >/dev/null; then
     echo "starting RabbitMQ ..."
-    rabbitmq-server -detached || true
+    # RabbitMQ 3.x hands out file handles from a budget set by the open-file limit; with Debian's
+    # default of 1024 a node holding a few test vhosts (each ~40 quorum queues) runs out, and new
+    # connections then hang in the handshake. Raise the limit for the node when we start it.
+    # (`su`, which the Debian script uses when started as root, resets it: start it as its user here.)
+    if [ "$(id -u)" = 0 ] && id rabbitmq >/dev/null 2>&1 && command -v setpriv >/dev/null; then
+      (ulimit -n 16384 2>/dev/null; cd /var/lib/rabbitmq && HOME=/var/lib/rabbitmq \
+        setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups rabbitmq-server -detached) || true
+    else
+      rabbitmq-server -detached || true
+    fi
   fi
   wait_for rabbitmq amqp_up 60 || {
     echo "RabbitMQ is not reachable on 127.0.0.1:5672. Install it (apt-get install rabbitmq-server) or set AMQP_URL." >&2
