@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,12 +24,21 @@ from tests.bench.harness import cpu_seconds, loadavg
 from tests.conftest import env_for
 
 
+def broker_pid() -> int | None:
+    """The RabbitMQ node's process on this machine (its CPU per event is printed beside ours)."""
+    found = subprocess.run(["pgrep", "-f", "beam.*-s rabbit boot"], capture_output=True, text=True, check=False)
+    pids = [int(p) for p in found.stdout.split()]
+    return min(pids) if pids else None
+
+
 def run_variant(
     bench: Bench, backlog: list[tuple[str, str, bytes]], extra: dict[str, str], profile: bool
 ) -> str:
     amqp, url = bench.vhost(), bench.database()
     asyncio.run(ceilings.publish_events(amqp, backlog))
     env = env_for(url, amqp) | extra
+    broker = broker_pid()
+    broker_cpu = cpu_seconds(broker) if broker else 0.0
     started = time.monotonic()
     processor = bench.start("processor", [PAYBUS, "processor"], env)
     processor.wait_ready(f"http://127.0.0.1:{env['METRICS_PORT']}/readyz")
@@ -37,6 +47,7 @@ def run_variant(
     wall = time.monotonic() - started
     stats = bench.drain_stats(url, settled, wall)
     cpu_ms = 1000 * cpu_seconds(processor.pid) / max(settled, 1)
+    broker_ms = 1000 * (cpu_seconds(broker) - broker_cpu) / max(settled, 1) if broker else float("nan")
     effects = bench.effects(url)
     rss = processor.rss_mib()
     if spy is not None:
@@ -44,7 +55,8 @@ def run_variant(
     bench.stop(processor)
     label = " ".join(f"{k}={v}" for k, v in extra.items()) or "(defaults)"
     return (
-        f"{label:<40} {stats['rate']:>8,.0f}/s  cpu {cpu_ms:6.3f} ms/event  rss {rss:5.1f} MiB  "
+        f"{label:<40} {stats['rate']:>8,.0f}/s  cpu {cpu_ms:6.3f} ms/event  broker cpu {broker_ms:6.3f} ms/event  "
+        f"rss {rss:5.1f} MiB  "
         f"settled {settled:,}/{len(backlog):,}  {effects}"
     )
 
