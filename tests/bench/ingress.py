@@ -1,7 +1,8 @@
 """The ingress alone, for A/B work on the ingress: `python -m tests.bench.ingress --help`.
 
-Starts a real `paybus ingress` per variant and round (each in a fresh vhost, so queues never grow
-across runs), loads it with wrk at each concurrency and prints requests/s, p50/p99 and the server's
+Starts a real `paybus ingress` per variant and round (all in one vhost, whose queue is purged
+after each run: creating vhosts in quick succession has hung the shared 3.10 broker), loads it
+with wrk at each concurrency and prints requests/s, p50/p99 and the server's
 CPU milliseconds per request (the steadier figure on a shared machine), then RSS of the process tree.
 Variants alternate within each round, so background load hits them alike.
 
@@ -14,12 +15,17 @@ instead of this checkout, e.g. a baseline made with ``git archive main | tar -x 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
 import statistics
 import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+import aio_pika
+
+from shared.amqp import EVENTS_QUEUE
 from tests.bench import events
 from tests.bench.__main__ import PAYBUS, Bench, parse_args
 from tests.bench.harness import LoadResult, loadavg, run_wrk
@@ -38,10 +44,17 @@ def command(extra: dict[str, str]) -> list[str]:
     return [sys.executable, "-c", _FROM_SRC, src, "ingress"] if src else [PAYBUS, "ingress"]
 
 
+async def purge(amqp: str) -> None:
+    connection = await aio_pika.connect(amqp)
+    async with connection:
+        channel = await connection.channel()
+        await (await channel.get_queue(EVENTS_QUEUE)).purge()
+
+
 def run_variant(
-    bench: Bench, extra: dict[str, str], connections: list[int], seconds: int, datafile: Path
+    bench: Bench, amqp: str, extra: dict[str, str], connections: list[int], seconds: int, datafile: Path
 ) -> tuple[dict[int, LoadResult], float]:
-    env = env_for("postgresql:///unused", bench.vhost()) | {  # the ingress never opens it
+    env = env_for("postgresql:///unused", amqp) | {  # the ingress never opens the database
         k: v for k, v in extra.items() if k != "SRC"
     }
     ingress = bench.start("ingress", command(extra), env)
@@ -55,6 +68,7 @@ def run_variant(
         return results, ingress.rss_mib()
     finally:
         bench.stop(ingress)
+        asyncio.run(purge(amqp))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "--variant", action="append", default=[], help="NAME=VALUE[,NAME=VALUE] environment for one run"
     )
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops what was started
     variants = [dict(kv.split("=", 1) for kv in v.split(",")) for v in args.variant] or [{}]
     labels = [" ".join(f"{k}={v}" for k, v in extra.items()) or "(defaults)" for extra in variants]
     connections = [int(c) for c in args.connections.split(",")]
@@ -77,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         # enough unique events that no run sends one twice (wrk wraps the file otherwise)
         events.write_signed(datafile, events.succeeded(5_000 * args.seconds), TEST_SECRET)
         try:
+            amqp = bench.vhost()
             for round_ in range(1, args.rounds + 1):
                 for label, extra in zip(labels, variants, strict=True):
-                    results, rss = run_variant(bench, extra, connections, args.seconds, datafile)
+                    results, rss = run_variant(bench, amqp, extra, connections, args.seconds, datafile)
                     for c, r in results.items():
                         cpu[(label, c)].append(r.cpu_ms)
                         print(
