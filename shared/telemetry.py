@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import threading
 from collections.abc import Mapping
 from typing import Any, Final
@@ -25,15 +26,40 @@ def setup_tracing(service: str, exporter: SpanExporter | None = None) -> TracerP
     so a collector that is down never slows or fails the request path.
     """
     provider = TracerProvider(resource=Resource.create({"service.name": f"paybus-{service}"}))
-    if exporter is None and (
-        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    ):
+    if exporter is None and export_configured():
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter()
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+def export_configured() -> bool:
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
+class PropagatingTracer(trace.NoOpTracer):
+    """Spans that record nothing yet carry ids, for a service that exports no spans.
+
+    The trace context still flows: ``traceparent`` goes into the AMQP headers and log lines carry
+    ``trace_id``, so the processor continues the trace and logs correlate across services, as with a
+    recording tracer, without the SDK's per-span cost. The sampled flag is set, as the SDK's default
+    sampler would, so a processor that does export keeps its spans.
+    """
+
+    def start_span(self, name: str, context: Context | None = None, *args: Any, **kwargs: Any) -> trace.Span:
+        parent = trace.get_current_span(context).get_span_context()
+        return trace.NonRecordingSpan(
+            trace.SpanContext(
+                trace_id=parent.trace_id if parent.is_valid else random.getrandbits(128) or 1,
+                span_id=random.getrandbits(64) or 1,
+                is_remote=False,
+                trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+            )
+        )
 
 
 def shutdown_tracing(provider: TracerProvider, timeout: float = 3.0) -> None:
