@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,6 +34,7 @@ from shared.amqp import EVENTS_QUEUE
 from tests.bench import events
 from tests.bench.__main__ import PAYBUS, Bench, parse_args
 from tests.bench.harness import LoadResult, loadavg, run_wrk
+from tests.chaos.instances import PrivateRabbit
 from tests.conftest import env_for
 from tests.support import TEST_SECRET
 
@@ -42,6 +48,50 @@ _FROM_SRC = (
 def command(extra: dict[str, str]) -> list[str]:
     src = extra.get("SRC")
     return [sys.executable, "-c", _FROM_SRC, src, "ingress"] if src else [PAYBUS, "ingress"]
+
+
+class BenchRabbit(PrivateRabbit):
+    """A private node started and stopped without rabbitmqctl (whose few CLI ports other work may hold)."""
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["rabbitmq-server"],  # noqa: S607 - as tests/chaos/instances.py starts it
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+        async def up() -> bool:
+            with contextlib.suppress(Exception):
+                await (await aio_pika.connect(self.url, timeout=2)).close()
+                return True
+            return False
+
+        deadline = time.monotonic() + 120
+        while not asyncio.run(up()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"private rabbitmq did not start; logs in {self.base / 'log'}")
+            time.sleep(0.5)
+
+    def destroy(self) -> None:
+        # `rabbitmq-server` runs the node under `su`, in a session of its own: signal the node itself
+        node = None
+        with contextlib.suppress(OSError, ValueError):
+            node = int((self.base / "pid").read_text().strip())
+        for pid in (node, self.proc.pid if self.proc is not None else None):
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)  # the node shuts down cleanly on SIGTERM
+        deadline = time.monotonic() + 60
+        while node is not None and os.path.exists(f"/proc/{node}") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if node is not None and os.path.exists(f"/proc/{node}"):
+            os.kill(node, signal.SIGKILL)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+        shutil.rmtree(self.base, ignore_errors=True)
 
 
 async def purge(amqp: str) -> None:
@@ -77,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", default="16,64", help="wrk concurrencies, comma-separated")
     parser.add_argument(
+        "--private-broker",
+        action="store_true",
+        help="start a RabbitMQ node of its own (as `make chaos` does) instead of a vhost on the shared one",
+    )
+    parser.add_argument(
         "--variant", action="append", default=[], help="NAME=VALUE[,NAME=VALUE] environment for one run"
     )
     args = parser.parse_args(argv)
@@ -91,8 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         datafile = Path(tmp) / "load.tsv"
         # enough unique events that no run sends one twice (wrk wraps the file otherwise)
         events.write_signed(datafile, events.succeeded(5_000 * args.seconds), TEST_SECRET)
+        rabbit = BenchRabbit() if args.private_broker else None
         try:
-            amqp = bench.vhost()
+            if rabbit is not None:
+                rabbit.start()
+            amqp = rabbit.url if rabbit is not None else bench.vhost()
             for round_ in range(1, args.rounds + 1):
                 for label, extra in zip(labels, variants, strict=True):
                     results, rss = run_variant(bench, amqp, extra, connections, args.seconds, datafile)
@@ -106,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"r{round_} {label:<36} rss {rss:.1f} MiB  load {loadavg()}", flush=True)
         finally:
             bench.cleanup()
+            if rabbit is not None:
+                rabbit.destroy()
     print("median server CPU ms per request")
     for label in labels:
         cells = "  ".join(f"c={c}: {statistics.median(cpu[(label, c)]):.3f}" for c in connections)
