@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
-from typing import Any
+import os
+from typing import Any, Final
 
 import aio_pika
-from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
+import aiormq
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from pamqp.commands import Basic
 
 from shared.amqp import EVENTS_EXCHANGE, declare_topology
 
 log = logging.getLogger("paybus.ingress.publisher")
+
+PERSISTENT: Final = 2  # AMQP delivery mode
 
 
 class PublishFailed(Exception):
@@ -33,7 +36,6 @@ class Publisher:
         self._exchange_name = exchange
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
-        self._exchange: AbstractExchange | None = None
         self._connector: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
 
@@ -58,8 +60,9 @@ class Publisher:
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 if self._declare:
                     await declare_topology(channel)
-                # ensure=True is a passive declare: no permission needed; fails if the exchange is missing
-                self._exchange = await channel.get_exchange(self._exchange_name, ensure=not self._declare)
+                elif self._exchange_name:
+                    # a passive declare: no permission needed; fails if the exchange is missing
+                    await channel.get_exchange(self._exchange_name, ensure=True)
                 self._connection, self._channel = connection, channel
                 self._connected.set()
                 log.info("connected to RabbitMQ")
@@ -89,22 +92,38 @@ class Publisher:
     async def publish(
         self, body: bytes, routing_key: str, *, message_type: str, headers: dict[str, Any]
     ) -> None:
-        """Return only once the broker confirmed that a queue holds the message."""
-        if self._exchange is None or not self.ready:
+        """Return only once the broker confirmed that a queue holds the message.
+
+        Straight to aiormq's ``basic_publish`` on the robust channel's current underlying channel:
+        aio-pika's ``Message`` and ``Exchange.publish`` rebuild these same properties through a dozen
+        attribute hooks per message, a measurable share of the ingress's CPU. Semantics are aio-pika's:
+        mandatory, persistent, confirmed, one timeout over write and confirm, a return raises.
+        """
+        channel = self._channel
+        if channel is None or not self.ready:
             raise PublishFailed("broker not connected")
-        message = aio_pika.Message(
-            body,
+        properties = Basic.Properties(
             content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            type=message_type,
+            delivery_mode=PERSISTENT,
+            message_type=message_type,
             headers=headers,
-            # unique per publish: aio-pika correlates returns by message id, and Stripe may deliver the
+            # unique per publish: aiormq correlates returns by message id, and Stripe may deliver the
             # same event concurrently
-            message_id=uuid.uuid4().hex,
+            message_id=os.urandom(16).hex(),
         )
         try:
-            confirmation = await self._exchange.publish(
-                message, routing_key=routing_key, mandatory=True, timeout=self._timeout
+            underlay = await channel.get_underlay_channel()
+            assert isinstance(underlay, aiormq.Channel)  # noqa: S101 - narrows the type for `wait`
+            # wait=False: do not hold the channel's lock until the frame is on the socket; the confirm
+            # awaited below is the only answer that counts, and it covers the write
+            confirmation = await underlay.basic_publish(
+                body,
+                exchange=self._exchange_name,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=True,
+                timeout=self._timeout,
+                wait=False,
             )
         except Exception as exc:  # timeout, nack, return, closed channel: all mean "not durable"
             raise PublishFailed(exc.__class__.__name__) from exc  # `type` is a parameter here

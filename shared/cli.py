@@ -31,8 +31,7 @@ def cmd_ingress(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level)
     from ingress.__main__ import run
 
-    run(settings)
-    return 0
+    return run(settings)
 
 
 def cmd_processor(args: argparse.Namespace) -> int:

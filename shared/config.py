@@ -43,6 +43,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ingress_host: str = "127.0.0.1"
     ingress_port: int = 8080
     ingress_max_body: int = 1024 * 1024
+    ingress_workers: int = 1
     publish_timeout: float = 5.0
     metrics_port: int = 9100
     prefetch: int = 64
@@ -172,6 +173,7 @@ _VARIABLES: Final[dict[str, tuple[str, Callable[[str], Any], bool]]] = {
     "INGRESS_HOST": ("ingress_host", _text, False),
     "INGRESS_PORT": ("ingress_port", _port, False),
     "INGRESS_MAX_BODY": ("ingress_max_body", _positive_int, False),
+    "INGRESS_WORKERS": ("ingress_workers", _positive_int, False),
     "PUBLISH_TIMEOUT": ("publish_timeout", _positive_float, False),
     "METRICS_PORT": ("metrics_port", _port, False),
     "PROCESSOR_PREFETCH": ("prefetch", _positive_int, False),

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import os
+import random
 import threading
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:  # imported in setup_tracing: an ingress without an exporter never loads the SDK
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 LAG_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
@@ -23,15 +24,17 @@ def setup_tracing(service: str, exporter: SpanExporter | None = None) -> TracerP
     """A tracer provider for ``service``; OTLP export only when OTEL_EXPORTER_OTLP_ENDPOINT is set.
 
     The batch processor hands spans to a background thread with a bounded queue (dropping when full),
-    so a collector that is down never slows or fails the request path. With no exporter the spans go
-    nowhere, so they are not recorded at all (about 50 µs each saved per webhook and per event); they
-    still carry trace and span ids, so `traceparent` still travels with every message and the log
-    lines of one webhook still share a trace id.
+    so a collector that is down never slows or fails the request path. With no exporter the spans
+    would go nowhere, so none is recorded (the SDK's cost per span, paid per event, is saved); they
+    still carry ids, so log lines keep their trace ids and a parent's trace is continued.
     """
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
     resource = Resource.create({"service.name": f"paybus-{service}"})
-    if exporter is None and (
-        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    ):
+    if exporter is None and export_configured():
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter()
@@ -40,6 +43,33 @@ def setup_tracing(service: str, exporter: SpanExporter | None = None) -> TracerP
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+def export_configured() -> bool:
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
+class PropagatingTracer(trace.NoOpTracer):
+    """Spans that record nothing yet carry ids, for a service that exports no spans.
+
+    The trace context still flows: ``traceparent`` goes into the AMQP headers and log lines carry
+    ``trace_id``, so the processor continues the trace and logs correlate across services, as with a
+    recording tracer, without the SDK's per-span cost. The sampled flag is set, as the SDK's default
+    sampler would, so a processor that does export keeps its spans.
+    """
+
+    def start_span(self, name: str, context: Context | None = None, *args: Any, **kwargs: Any) -> trace.Span:
+        parent = trace.get_current_span(context).get_span_context()
+        return trace.NonRecordingSpan(
+            trace.SpanContext(
+                trace_id=parent.trace_id if parent.is_valid else random.getrandbits(128) or 1,
+                span_id=random.getrandbits(64) or 1,
+                is_remote=False,
+                trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+            )
+        )
 
 
 def shutdown_tracing(provider: TracerProvider, timeout: float = 3.0) -> None:

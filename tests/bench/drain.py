@@ -26,7 +26,9 @@ from tests.conftest import env_for
 
 def broker_pid() -> int | None:
     """The RabbitMQ node's process on this machine (its CPU per event is printed beside ours)."""
-    found = subprocess.run(["pgrep", "-f", "beam.*-s rabbit boot"], capture_output=True, text=True, check=False)
+    found = subprocess.run(
+        ["pgrep", "-f", "beam.*-s rabbit boot"], capture_output=True, text=True, check=False
+    )
     pids = [int(p) for p in found.stdout.split()]
     return min(pids) if pids else None
 
@@ -55,8 +57,8 @@ def run_variant(
     bench.stop(processor)
     label = " ".join(f"{k}={v}" for k, v in extra.items()) or "(defaults)"
     return (
-        f"{label:<40} {stats['rate']:>8,.0f}/s  cpu {cpu_ms:6.3f} ms/event  broker cpu {broker_ms:6.3f} ms/event  "
-        f"rss {rss:5.1f} MiB  "
+        f"{label:<40} {stats['rate']:>8,.0f}/s  cpu {cpu_ms:6.3f} ms/event  "
+        f"broker cpu {broker_ms:6.3f} ms/event  rss {rss:5.1f} MiB  "
         f"settled {settled:,}/{len(backlog):,}  {effects}"
     )
 

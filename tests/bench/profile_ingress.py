@@ -22,6 +22,7 @@ from ingress.app import create_app
 from ingress.publisher import Publisher
 from shared.config import load_settings
 from shared.logs import setup_logging
+from shared.telemetry import PropagatingTracer  # what `paybus ingress` runs without an exporter
 from tests.bench import events
 from tests.bench.harness import run_wrk
 from tests.bench.profiling import PROFILES
@@ -36,7 +37,7 @@ async def main(seconds: int) -> str:
         settings = load_settings(env_for("postgresql:///unused", amqp))
         setup_logging("INFO")
         publisher = Publisher(settings.amqp_url, settings.publish_timeout)
-        runner = web.AppRunner(create_app(settings, publisher), access_log=None)
+        runner = web.AppRunner(create_app(settings, publisher, tracer=PropagatingTracer()), access_log=None)
         await runner.setup()
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()

@@ -98,6 +98,31 @@ async def test_unhandled_event_types_are_accepted_too(ingress) -> None:  # type:
     assert [m.type for m in await _messages(amqp)] == ["plan.created"]
 
 
+async def test_an_unroutable_publish_answers_503_and_the_publisher_keeps_working(
+    make_vhost: Callable[[], str],
+) -> None:
+    # An exchange with no queue bound: the broker acks the publish, but returns it first (mandatory).
+    # A bare ack is not "queued", so the sender must hear 503 and retry.
+    amqp = make_vhost()
+    connection = await aio_pika.connect(amqp)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_exchange("paybus.test-unbound", aio_pika.ExchangeType.TOPIC)
+    settings = _settings(amqp)
+    publisher = Publisher(amqp, settings.publish_timeout, exchange="paybus.test-unbound", declare=False)
+    client = TestClient(TestServer(create_app(settings, publisher)))
+    await client.start_server()
+    try:
+        assert await publisher.wait_connected(15)
+        for _ in range(2):  # the same channel answers the next publish too
+            body, headers = signed(_event())
+            response = await client.post(f"/webhook/stripe/{TOKEN}", data=body, headers=headers)
+            assert response.status == 503
+        assert (await client.get("/readyz")).status == 200
+    finally:
+        await client.close()
+
+
 def _hostile_cases() -> list[tuple[str, Callable[[], tuple[str, bytes, dict[str, str]]], int]]:
     url = f"/webhook/stripe/{TOKEN}"
 

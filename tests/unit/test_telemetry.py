@@ -1,29 +1,45 @@
-"""Tracing set-up: without an exporter spans are not recorded, yet trace ids still travel."""
+"""The ingress's trace context without an exporter: ids flow on, nothing is recorded."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
-from shared.telemetry import extract, inject, setup_tracing
+from shared.telemetry import PropagatingTracer, extract, inject, setup_tracing
+
+TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-01")
 
 
-def test_without_an_exporter_spans_are_not_recorded_but_the_trace_id_travels(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
-    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
-    ingress = setup_tracing("ingress").get_tracer("t")
-    processor = setup_tracing("processor").get_tracer("t")
-    with ingress.start_as_current_span("POST /webhook/stripe") as webhook:
-        assert not webhook.is_recording()
-        trace_id = webhook.get_span_context().trace_id
-        assert trace_id != 0
-        headers = inject({})
-    assert f"{trace_id:032x}" in headers["traceparent"]
-    with processor.start_as_current_span("process", context=extract(headers)) as process:
-        assert not process.is_recording()
-        assert process.get_span_context().trace_id == trace_id
+def test_spans_record_nothing_but_inject_a_sampled_traceparent() -> None:
+    tracer = PropagatingTracer()
+    with tracer.start_as_current_span("POST /webhook/stripe", kind=SpanKind.SERVER) as server:
+        assert not server.is_recording()
+        with tracer.start_as_current_span("publish", kind=SpanKind.PRODUCER) as producer:
+            headers = inject({})
+    match = TRACEPARENT.fullmatch(headers["traceparent"])
+    assert match, headers
+    server_ctx, producer_ctx = server.get_span_context(), producer.get_span_context()
+    assert producer_ctx.trace_id == server_ctx.trace_id == int(match[1], 16), "one trace per request"
+    assert producer_ctx.span_id != server_ctx.span_id
+    assert int(match[2], 16) == producer_ctx.span_id
+    assert not trace.get_current_span().get_span_context().is_valid, "context restored after the request"
+
+
+def test_each_request_starts_its_own_trace_and_a_remote_parent_is_continued() -> None:
+    tracer = PropagatingTracer()
+    ids = set()
+    for _ in range(3):
+        with tracer.start_as_current_span("request") as span:
+            ids.add(span.get_span_context().trace_id)
+    assert len(ids) == 3
+
+    parent = extract({"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+    with tracer.start_as_current_span("child", context=parent) as child:
+        assert f"{child.get_span_context().trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
 
 
 def test_with_an_exporter_every_span_is_recorded() -> None:
@@ -33,3 +49,15 @@ def test_with_an_exporter_every_span_is_recorded() -> None:
         assert span.is_recording()
     provider.force_flush()
     assert [s.name for s in exporter.get_finished_spans()] == ["POST /webhook/stripe"]
+
+
+def test_the_processor_without_an_exporter_records_nothing_and_continues_the_trace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    processor = setup_tracing("processor").get_tracer("t")
+    parent = extract({"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+    with processor.start_as_current_span("process", context=parent) as span:
+        assert not span.is_recording()
+        assert f"{span.get_span_context().trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
