@@ -23,6 +23,8 @@ _OBJ: Final = "BENCHOBJBENCHOBJBENCHOB"
 _CH: Final = "ch_BENCHCHGBENCHCHGBENCHCH"
 _REQ: Final = "req_BENCHREQBENCHREQBENCHR"
 _USER: Final = "00000000-0000-4000-8000-0000000bec44"
+_PI: Final = "pi_BENCHPIBENCHPIBENCHPIBEN"
+_CUS: Final = "cus_BENCHCUSBENCHCUSBENCHC"
 PRODUCT: Final = "course_bundle"  # a one-time catalog product, so a success also grants an entitlement
 
 
@@ -39,6 +41,8 @@ class Template:
             "obj": object_id,
             "ch": "ch_" + os.urandom(12).hex(),
             "req": "req_" + os.urandom(12).hex(),
+            "pi": "pi_" + os.urandom(12).hex(),
+            "cus": "cus_" + os.urandom(12).hex(),
             "user": user_id,
             "created": created,
         }
@@ -56,10 +60,25 @@ def template(event_type: str) -> Template:
         obj["created"] = 1000000001
         if obj.get("latest_charge"):
             obj["latest_charge"] = _CH
+    # A reference the fixture names (the session's PaymentIntent, the customer of a subscription or
+    # invoice) gets a new id per event too: with the fixture's one id every checkout would pile onto one
+    # payment row and every subscription onto one customer, which no shop's stream looks like.
+    if isinstance(obj.get("payment_intent"), str):
+        obj["payment_intent"] = _PI
+    if isinstance(obj.get("customer"), str):
+        obj["customer"] = _CUS
     event["id"] = _EVT
     event["request"] = {"id": _REQ, "idempotency_key": _USER}
     text = samples.encode(event).decode().replace("%", "%%")
-    for token, key in ((_EVT, "evt"), (_OBJ, "obj"), (_CH, "ch"), (_REQ, "req"), (_USER, "user")):
+    for token, key in (
+        (_EVT, "evt"),
+        (_OBJ, "obj"),
+        (_CH, "ch"),
+        (_REQ, "req"),
+        (_USER, "user"),
+        (_PI, "pi"),
+        (_CUS, "cus"),
+    ):
         text = text.replace(token, f"%({key})s")
     text = text.replace('"created":1000000001', '"created":%(created)d')
     return Template(event_type, prefix, text)

@@ -68,3 +68,17 @@ def test_table_marks_each_target() -> None:
     assert "FAIL  processor drain >= 1.0x peer (1,500 vs 2,000 = 0.75x)" in table
     assert "PASS  ingress RSS <= 80 MiB (60.0)" in table
     assert "FAIL  processor RSS <= 150 MiB (200.0)" in table
+
+
+def test_the_drain_mix_names_no_fixture_reference_twice() -> None:
+    """Every session names its own PaymentIntent and every subscription or invoice its own customer,
+    as in a real shop's stream (one shared fixture id would pile every event onto one row)."""
+    seen: dict[str, set[str]] = {"payment_intent": set(), "customer": set()}
+    for _, event_type, body in events.mixed(2 * len(events.JOURNEY) * 3):
+        obj = json.loads(body)["data"]["object"]
+        for field, values in seen.items():
+            value = obj.get(field)
+            if isinstance(value, str) and not event_type.startswith("payment_intent."):
+                assert value not in values, f"{event_type} repeats {field} {value}"
+                values.add(value)
+    assert seen["payment_intent"] and seen["customer"]
