@@ -177,19 +177,7 @@ async def record_failed(conn: AsyncConnection[Any], body: bytes, event: Event) -
     """Leave a `failed` ledger row for a dead-lettered event (best effort: the dead letter is the record)."""
     try:
         async with conn.transaction():
-            await conn.execute(
-                _RECORD_FAILED,
-                (
-                    event.id,
-                    event.type,
-                    event.created,
-                    event.livemode,
-                    event.account,
-                    event.api_version,
-                    event.object_id,
-                    body.decode("utf-8"),
-                ),
-            )
+            await conn.execute(_RECORD_FAILED, _ledger_row(body, event))
     except (psycopg.errors.DataError, psycopg.errors.UntranslatableCharacter, UnicodeDecodeError):
         pass
 
