@@ -148,3 +148,15 @@ class Service:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+async def drain_queue(amqp_url: str, queue_name: str) -> list[Any]:
+    """Take every message now in ``queue_name`` (no ack needed: they are gone once read)."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(queue_name)
+        messages = []
+        while (message := await queue.get(fail=False, no_ack=True)) is not None:
+            messages.append(message)
+        return messages

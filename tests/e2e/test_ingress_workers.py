@@ -9,14 +9,13 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-import aio_pika
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared import samples
 from shared.amqp import EVENTS_QUEUE
 from tests.e2e.conftest import Stack
 from tests.e2e.test_pipeline import _post
-from tests.support import wait_for_sync
+from tests.support import drain_queue, wait_for_sync
 
 EVENTS = 24
 TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01")
@@ -74,13 +73,7 @@ async def test_two_workers_share_the_port_and_sigterm_stops_both(
     assert stack.ingress.stop() == 0
     assert not os.path.exists(f"/proc/{worker}"), "the worker stopped with the first process"
 
-    connection = await aio_pika.connect(amqp)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.get_queue(EVENTS_QUEUE)
-        messages = []
-        while (message := await queue.get(fail=False, no_ack=True)) is not None:
-            messages.append(message)
+    messages = await drain_queue(amqp, EVENTS_QUEUE)
     assert sorted(m.headers["stripe-event-id"] for m in messages) == sorted(ids)
     # no trace exporter configured: the trace context still travels to the processor
     assert all(TRACEPARENT.fullmatch(str(m.headers["traceparent"])) for m in messages)

@@ -138,10 +138,16 @@ async def test_a_batch_of_events_already_applied_changes_nothing(
     await asyncio.gather(*(work(Delivery(b)) for b in bodies))  # type: ignore[arg-type]
     users = [e["data"]["object"]["metadata"]["user_id"] for e in envelopes]
     count = "SELECT count(*) FROM outbox WHERE user_id = ANY(%s::uuid[])"
+    # a re-applied event would be re-stamped (processed_at is the applying transaction's time) even when
+    # its handler changed nothing; a duplicate leaves its ledger row as it was
+    stamps = "SELECT id, processed_at FROM stripe_events WHERE id = ANY(%s) ORDER BY id"
+    ids = [e["id"] for e in envelopes]
     before = await (await conn.execute(count, (users,))).fetchone()
+    stamped = await (await conn.execute(stamps, (ids,))).fetchall()
     assert before is not None and before[0] >= 10
     await asyncio.gather(*(work(Delivery(b)) for b in reversed(bodies)))  # type: ignore[arg-type]
     assert await (await conn.execute(count, (users,))).fetchone() == before
+    assert await (await conn.execute(stamps, (ids,))).fetchall() == stamped
     batches = [
         s.attributes["paybus.batch_size"] for s in exporter.get_finished_spans() if s.name == "db apply_batch"
     ]

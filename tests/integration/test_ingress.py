@@ -18,7 +18,7 @@ from shared import samples
 from shared.amqp import EVENTS_QUEUE
 from shared.config import Settings, load_settings
 from tests.proxy import TcpProxy
-from tests.support import TEST_SECRET, queue_depth, signed, wait_for
+from tests.support import TEST_SECRET, drain_queue, queue_depth, signed, wait_for
 
 TOKEN = "tok_abc123"
 
@@ -59,14 +59,7 @@ def _event(**overrides: object) -> dict[str, object]:
 
 
 async def _messages(amqp: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    connection = await aio_pika.connect(amqp)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.get_queue(EVENTS_QUEUE)
-        messages = []
-        while (message := await queue.get(fail=False, no_ack=True)) is not None:
-            messages.append(message)
-        return messages
+    return await drain_queue(amqp, EVENTS_QUEUE)
 
 
 async def test_signed_event_is_published_unchanged_with_headers_before_200(ingress) -> None:  # type: ignore[no-untyped-def]
