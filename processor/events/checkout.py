@@ -77,7 +77,7 @@ async def on_session(conn: AsyncConnection[Any], event: Event, ctx: Context) -> 
     metadata = session.metadata or {}
     price = next((li.price.id for li in (session.line_items or LineItems()).data if li.price), None)
     mode = session.mode if session.mode in ("payment", "subscription", "setup") else "payment"
-    changed, payment_id, before = await payments.apply(
+    change = await payments.apply(
         conn,
         payments.PaymentUpdate(
             intent=_ref(obj.get("payment_intent")),
@@ -94,14 +94,14 @@ async def on_session(conn: AsyncConnection[Any], event: Event, ctx: Context) -> 
             metadata=metadata,
         ),
     )
-    if changed:
-        await payment_effects.settle(conn, payment_id, before, ctx, at)
+    if change.changed:
+        await payment_effects.settle(conn, change.payment_id, change.before, ctx, at, change.current)
     linked = False
     if customer and named_user:
         # After the session's own row: linking takes row locks on other payments without their key
         # locks, and a lock on this session's keys must never be requested while holding those.
         linked = await map_customer(conn, customer, named_user, ctx, at)
-    return Applied("applied" if changed or linked else "stale", user_id)
+    return Applied("applied" if change.changed or linked else "stale", user_id)
 
 
 HANDLERS: Final[dict[str, Handler]] = {

@@ -64,7 +64,7 @@ async def on_payment_intent(conn: AsyncConnection[Any], event: Event, ctx: Conte
     await lock_customer(conn, customer)
     user_id = await resolve_user(conn, event.data.object)
     error = intent.last_payment_error
-    changed, payment_id, before = await payments.apply(
+    change = await payments.apply(
         conn,
         payments.PaymentUpdate(
             intent=intent.id,
@@ -80,9 +80,11 @@ async def on_payment_intent(conn: AsyncConnection[Any], event: Event, ctx: Conte
             metadata=intent.metadata,
         ),
     )
-    if changed:  # a stale event changes nothing, so there is nothing to derive or announce
-        await payment_effects.settle(conn, payment_id, before, ctx, event_time(event))
-    return Applied("applied" if changed else "stale", user_id)
+    if change.changed:  # a stale event changes nothing, so there is nothing to derive or announce
+        await payment_effects.settle(
+            conn, change.payment_id, change.before, ctx, event_time(event), change.current
+        )
+    return Applied("applied" if change.changed else "stale", user_id)
 
 
 HANDLERS: Final[dict[str, Handler]] = {event_type: on_payment_intent for event_type in STATUS_BY_EVENT}

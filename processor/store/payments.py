@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import msgspec
 from psycopg import AsyncConnection
@@ -57,12 +57,24 @@ class PaymentUpdate(msgspec.Struct, frozen=True, kw_only=True):
     metadata: dict[str, Any] = {}
 
 
+class Change(NamedTuple):
+    """What `apply` did to the payment row."""
+
+    changed: bool
+    payment_id: str
+    before: dict[str, Any] | None  # the row before the change; None for a new row
+    # The row as written, when its refunded amount and dispute state need no deriving: the row existed
+    # and kept its PaymentIntent (the one key they are derived by), or it is new and no charge, refund or
+    # dispute of its PaymentIntent came first. `settle` then takes it as it is. None: derive them.
+    current: dict[str, Any] | None = None
+
+
 def _key(row: dict[str, Any]) -> Any:
     return stored_key(row["status"], row["status_event_created"], row["status_rank"], TERMINAL)
 
 
-async def apply(conn: AsyncConnection[Any], upd: PaymentUpdate) -> tuple[bool, str, dict[str, Any] | None]:
-    """Apply ``upd`` under the guard; return (changed, payment id, the row as it was before)."""
+async def apply(conn: AsyncConnection[Any], upd: PaymentUpdate) -> Change:
+    """Apply ``upd`` under the guard; say what changed (`Change`)."""
     await lock_objects(conn, upd.intent and f"pi:{upd.intent}", upd.session and f"cs:{upd.session}")
     cur = conn.cursor(row_factory=dict_row)
     rows = await (
@@ -73,7 +85,7 @@ async def apply(conn: AsyncConnection[Any], upd: PaymentUpdate) -> tuple[bool, s
         )
     ).fetchall()
     if not rows:
-        return True, await _insert(conn, upd), None
+        return await _insert(conn, upd)
     mergeable = len(rows) == 2 and all(r["stripe_payment_intent_id"] in (None, upd.intent) for r in rows)
     if mergeable:
         row, before = await _merge(conn, rows, upd.intent)
@@ -109,50 +121,73 @@ async def apply(conn: AsyncConnection[Any], upd: PaymentUpdate) -> tuple[bool, s
             changes["mode"] = upd.mode
     elif upd.mode is not None and upd.session and row["mode"] != upd.mode:
         changes["mode"] = upd.mode  # only sessions know the mode; a stale one still says it
-    if changes:
+    if not changes:
+        return Change(False, str(row["id"]), before)
+    if mergeable or "stripe_payment_intent_id" in changes:
         await _update(conn, row["id"], changes)
-    return bool(changes), str(row["id"]), before
+        return Change(True, str(row["id"]), before)
+    return Change(True, str(row["id"]), before, await _update(conn, row["id"], changes, returning=True))
 
 
-async def _insert(conn: AsyncConnection[Any], upd: PaymentUpdate) -> str:
-    """Insert the row; return its id (made here, so the INSERT need not wait for an answer)."""
-    payment_id = str(uuid.uuid4())
-    await conn.execute(
-        """
-        INSERT INTO payments (id, user_id, stripe_payment_intent_id, stripe_checkout_session_id,
-                              stripe_customer_id, subscription_id, mode, amount, currency, status,
-                              product, last_error, metadata, status_event_created, status_rank, paid_at)
-        VALUES (%(id)s, %(user_id)s, %(intent)s, %(session)s, %(customer)s, %(subscription)s, %(mode)s,
-                %(amount)s, %(currency)s, %(status)s, %(product)s, %(error)s, %(metadata)s, %(created)s,
-                %(rank)s,
-                CASE WHEN %(status)s = 'succeeded' THEN to_timestamp(%(created)s) END)
-        """,
-        {
-            "id": payment_id,
-            "user_id": upd.user_id,
-            "intent": upd.intent,
-            "session": upd.session,
-            "customer": upd.stripe_customer_id,
-            "subscription": upd.subscription_id,
-            "mode": upd.mode or "payment",
-            "amount": upd.amount or 0,
-            "currency": upd.currency or "inr",
-            "status": upd.status,
-            "product": upd.product,
-            "error": upd.error,
-            "metadata": Jsonb(upd.metadata),
-            "created": upd.created,
-            "rank": STATUS_RANK[upd.status],
-        },
-    )
-    return payment_id
+async def _insert(conn: AsyncConnection[Any], upd: PaymentUpdate) -> Change:
+    """Insert the row and read it back, with whether refunds or disputes wait for it (`Change.current`).
+
+    Charges, refunds and disputes may arrive before their payment; only then does the new row need
+    `settle` to fold them in. Without them, the row as inserted is already settled.
+    """
+    cur = conn.cursor(row_factory=dict_row)
+    row = await (
+        await cur.execute(
+            """
+            INSERT INTO payments (id, user_id, stripe_payment_intent_id, stripe_checkout_session_id,
+                                  stripe_customer_id, subscription_id, mode, amount, currency, status,
+                                  product, last_error, metadata, status_event_created, status_rank, paid_at)
+            VALUES (%(id)s, %(user_id)s, %(intent)s, %(session)s, %(customer)s, %(subscription)s, %(mode)s,
+                    %(amount)s, %(currency)s, %(status)s, %(product)s, %(error)s, %(metadata)s, %(created)s,
+                    %(rank)s,
+                    CASE WHEN %(status)s = 'succeeded' THEN to_timestamp(%(created)s) END)
+            RETURNING *,
+                      EXISTS (SELECT FROM charges WHERE stripe_payment_intent_id = %(intent)s)
+                      OR EXISTS (SELECT FROM refunds WHERE stripe_payment_intent_id = %(intent)s)
+                      OR EXISTS (SELECT FROM disputes WHERE stripe_payment_intent_id = %(intent)s)
+                      AS paybus_has_related
+            """,
+            {
+                "id": str(uuid.uuid4()),
+                "user_id": upd.user_id,
+                "intent": upd.intent,
+                "session": upd.session,
+                "customer": upd.stripe_customer_id,
+                "subscription": upd.subscription_id,
+                "mode": upd.mode or "payment",
+                "amount": upd.amount or 0,
+                "currency": upd.currency or "inr",
+                "status": upd.status,
+                "product": upd.product,
+                "error": upd.error,
+                "metadata": Jsonb(upd.metadata),
+                "created": upd.created,
+                "rank": STATUS_RANK[upd.status],
+            },
+        )
+    ).fetchone()
+    assert row is not None  # an INSERT without ON CONFLICT returns its row or raises
+    related = row.pop("paybus_has_related")
+    return Change(True, str(row["id"]), None, None if related else row)
 
 
-async def _update(conn: AsyncConnection[Any], payment_id: Any, changes: dict[str, Any]) -> None:
+async def _update(
+    conn: AsyncConnection[Any], payment_id: Any, changes: dict[str, Any], *, returning: bool = False
+) -> dict[str, Any] | None:
+    """Write ``changes``; with ``returning``, wait for and return the row as updated."""
     columns = ", ".join(f"{name} = %({name})s" for name in changes)
-    await conn.execute(
-        f"UPDATE payments SET {columns}, updated_at = now() WHERE id = %(id)s", {**changes, "id": payment_id}
-    )
+    query = f"UPDATE payments SET {columns}, updated_at = now() WHERE id = %(id)s"
+    params = {**changes, "id": payment_id}
+    if not returning:
+        await conn.execute(query, params)
+        return None
+    cur = conn.cursor(row_factory=dict_row)
+    return await (await cur.execute(query + " RETURNING *", params)).fetchone()
 
 
 async def _merge(

@@ -5,10 +5,22 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 
+from processor.ledger import transaction
+from processor.store import payment_effects, payments
 from shared import samples
-from tests.integration.domain_helpers import Conn, active_features, deliver, one, outbox_types, rows, user
+from tests.integration.domain_helpers import (
+    CTX,
+    Conn,
+    active_features,
+    deliver,
+    one,
+    outbox_types,
+    rows,
+    user,
+)
 
 
 def now() -> int:
@@ -443,3 +455,90 @@ async def test_a_duplicate_or_stale_event_changes_nothing_and_emits_nothing(conn
     ledger = await rows(conn, "SELECT outcome FROM stripe_events WHERE object_id = %s ORDER BY created", pi)
     assert [r["outcome"] for r in ledger] == ["applied", "stale"]
     assert await outbox_types(conn, u) == ["payment.succeeded", "entitlement.granted"]
+
+
+async def test_a_change_that_keeps_the_payment_intent_takes_the_row_as_updated_and_agrees_with_a_full_settle(
+    conn: Conn,
+) -> None:
+    """`settle` skips recomputing refunds and disputes only when the change cannot have moved them.
+
+    The refund and the dispute arrive before the payment: the new row must fold them in (a full
+    settle). The later `succeeded` keeps the PaymentIntent, so the row as updated is taken as it is;
+    it must equal what the full recomputation says, and the refunded purchase grants nothing.
+    """
+    u, pi, ch, t = user(), samples.new_id("pi"), samples.new_id("ch"), now()
+    await deliver(
+        conn,
+        samples.event(
+            "charge.refunded", samples.charge(charge_id=ch, intent_id=pi, amount_refunded=49900), created=t
+        ),
+    )
+    await deliver(
+        conn,
+        samples.event(
+            "charge.dispute.created",
+            samples.dispute(
+                dispute_id=samples.new_id("dp"), charge_id=ch, intent_id=pi, status="needs_response"
+            ),
+            created=t,
+        ),
+    )
+    created = samples.payment_intent(intent_id=pi, user_id=u, product="lifetime_reports")
+    await deliver(conn, samples.event("payment_intent.created", created, created=t + 1))
+    derived = ("amount_refunded", "dispute_status", "disputed")
+    expected = {"amount_refunded": 49900, "dispute_status": "open", "disputed": True}
+    assert (
+        await one(
+            conn,
+            "SELECT amount_refunded, dispute_status, disputed FROM payments WHERE "
+            "stripe_payment_intent_id = %s",
+            pi,
+        )
+        == expected
+    )
+
+    async with transaction(conn):
+        change = await payments.apply(
+            conn,
+            payments.PaymentUpdate(
+                intent=pi, session=None, status="succeeded", created=t + 2, amount=49900, currency="inr"
+            ),
+        )
+        assert change.changed and change.before is not None and change.current is not None
+        assert change.current["status"] == "succeeded"
+        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+        recomputed = await (await cur.execute(payment_effects._SETTLE, {"id": change.payment_id})).fetchone()
+        assert recomputed is not None
+        assert {k: change.current[k] for k in derived} == {k: recomputed[k] for k in derived} == expected
+        await payment_effects.settle(
+            conn, change.payment_id, change.before, CTX, datetime.now(UTC), change.current
+        )
+    assert await active_features(conn, u) == set()
+    assert await outbox_types(conn, u) == ["payment.refunded", "payment.succeeded"]
+
+    # A session-only row that learns its PaymentIntent must be derived afresh: no shortcut.
+    cs, pi2 = samples.new_id("cs_test"), samples.new_id("pi")
+    await deliver(
+        conn,
+        samples.event("charge.refunded", samples.charge(intent_id=pi2, amount_refunded=1000), created=t),
+    )
+    await deliver(
+        conn,
+        samples.event(
+            "checkout.session.completed",
+            samples.checkout_session(session_id=cs, payment_status="unpaid", user_id=u),
+            created=t,
+        ),
+    )
+    async with transaction(conn):
+        learned = await payments.apply(
+            conn,
+            payments.PaymentUpdate(
+                intent=pi2, session=cs, status="succeeded", created=t + 1, amount=49900, currency="inr"
+            ),
+        )
+        assert learned.changed and learned.current is None
+        await payment_effects.settle(conn, learned.payment_id, learned.before, CTX, datetime.now(UTC))
+    assert await one(
+        conn, "SELECT amount_refunded FROM payments WHERE stripe_checkout_session_id = %s", cs
+    ) == {"amount_refunded": 1000}
