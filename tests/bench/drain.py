@@ -6,20 +6,23 @@ processor's CPU milliseconds per event. CPU per event is the steadier figure on 
 
     .venv/bin/python -m tests.bench.drain --events 4000 \
         --variant PROCESSOR_BATCH=1 --variant PROCESSOR_BATCH=50
+
+``SRC=DIR`` in a variant runs the processor code found in DIR (another checkout), for before/after.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from tests.bench import ceilings, events, profiling
-from tests.bench.__main__ import PAYBUS, Bench, parse_args
+from tests.bench import ceilings, events, ingress, profiling
+from tests.bench.__main__ import Bench, parse_args
 from tests.bench.harness import cpu_seconds, loadavg
 from tests.conftest import env_for
 
@@ -33,16 +36,52 @@ def broker_pid() -> int | None:
     return min(pids) if pids else None
 
 
+def postgres_pid() -> int | None:
+    """The Postgres postmaster on this machine (its backends' CPU per event is printed beside ours)."""
+    found = subprocess.run(["pgrep", "-o", "-x", "postgres"], capture_output=True, text=True, check=False)
+    pids = [int(p) for p in found.stdout.split()]
+    return pids[0] if pids else None
+
+
+def tree_cpu(pid: int | None) -> dict[int, float]:
+    """CPU seconds so far of each process in ``pid``'s tree (one entry per process, so that a process
+    which exits during a run drops out of the sum instead of making it negative)."""
+    if pid is None:
+        return {}
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return {p: own_cpu(p) for p in [pid, *map(int, found.stdout.split())]}
+
+
+def own_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` alone (0 once it has gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
 def run_variant(
     bench: Bench, backlog: list[tuple[str, str, bytes]], extra: dict[str, str], profile: bool
 ) -> str:
     amqp, url = bench.vhost(), bench.database()
     asyncio.run(ceilings.publish_events(amqp, backlog))
-    env = env_for(url, amqp) | extra
+    env = env_for(url, amqp) | {k: v for k, v in extra.items() if k != "SRC"}
     broker = broker_pid()
     broker_cpu = cpu_seconds(broker) if broker else 0.0
+    postgres = postgres_pid()
+    postgres_cpu = tree_cpu(postgres)
+    busy0, total0 = machine_busy()
     started = time.monotonic()
-    processor = bench.start("processor", [PAYBUS, "processor"], env)
+    processor = bench.start("processor", ingress.command(extra, "processor"), env)
     processor.wait_ready(f"http://127.0.0.1:{env['METRICS_PORT']}/readyz")
     spy = profiling.Profile(processor.pid, 15, bench.workdir / "drain.raw") if profile else None
     settled = bench.wait_applied(url, amqp, len(backlog), timeout=600)
@@ -50,6 +89,13 @@ def run_variant(
     stats = bench.drain_stats(url, settled, wall)
     cpu_ms = 1000 * cpu_seconds(processor.pid) / max(settled, 1)
     broker_ms = 1000 * (cpu_seconds(broker) - broker_cpu) / max(settled, 1) if broker else float("nan")
+    postgres_ms = (
+        1000 * sum(t - postgres_cpu.get(p, 0.0) for p, t in tree_cpu(postgres).items()) / max(settled, 1)
+        if postgres
+        else float("nan")
+    )
+    busy1, total1 = machine_busy()
+    busy = (busy1 - busy0) / max(total1 - total0, 1e-9)
     effects = bench.effects(url)
     rss = processor.rss_mib()
     if spy is not None:
@@ -58,7 +104,8 @@ def run_variant(
     label = " ".join(f"{k}={v}" for k, v in extra.items()) or "(defaults)"
     return (
         f"{label:<40} {stats['rate']:>8,.0f}/s  cpu {cpu_ms:6.3f} ms/event  "
-        f"broker cpu {broker_ms:6.3f} ms/event  rss {rss:5.1f} MiB  "
+        f"broker {broker_ms:6.3f}  postgres {postgres_ms:6.3f} ms/event  machine {busy:4.0%} busy  "
+        f"rss {rss:5.1f} MiB  "
         f"settled {settled:,}/{len(backlog):,}  {effects}"
     )
 

@@ -45,9 +45,10 @@ _FROM_SRC = (
 )
 
 
-def command(extra: dict[str, str]) -> list[str]:
+def command(extra: dict[str, str], service: str = "ingress") -> list[str]:
+    """How to start ``service``: the installed paybus, or the code of the variant's ``SRC=DIR``."""
     src = extra.get("SRC")
-    return [sys.executable, "-c", _FROM_SRC, src, "ingress"] if src else [PAYBUS, "ingress"]
+    return [sys.executable, "-c", _FROM_SRC, src, service] if src else [PAYBUS, service]
 
 
 class BenchRabbit(PrivateRabbit):
