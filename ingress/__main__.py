@@ -11,6 +11,7 @@ from ingress.app import create_app
 from ingress.publisher import Publisher
 from ingress.workers import Workers, is_worker
 from shared.config import Settings
+from shared.loops import loop_factory
 from shared.telemetry import PropagatingTracer, export_configured, setup_tracing, shutdown_tracing
 
 log = logging.getLogger("paybus.ingress")
@@ -54,6 +55,7 @@ def run(settings: Settings) -> int:
     # run_app stops accepting on SIGTERM/SIGINT and lets in-flight requests finish (shutdown_timeout).
     web.run_app(
         app,
+        loop=loop_factory(settings.event_loop)(),
         host=settings.ingress_host,
         port=settings.ingress_port,
         reuse_port=settings.ingress_workers > 1,

@@ -27,6 +27,7 @@ from processor.pipeline import EventPipeline
 from processor.requests.runner import RequestService, open_request_service
 from shared.amqp import DEAD_LETTER_QUEUE, EVENTS_QUEUE, REQUESTS_QUEUE, declare_topology, topology
 from shared.config import Settings
+from shared.loops import loop_factory
 from shared.telemetry import ProcessorMetrics, setup_tracing, shutdown_tracing
 
 log = logging.getLogger("paybus.processor")
@@ -189,4 +190,5 @@ async def serve(settings: Settings) -> None:
 
 
 def run(settings: Settings) -> None:
-    asyncio.run(serve(settings))
+    with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+        runner.run(serve(settings))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 from shared import samples
 from shared.amqp import DEAD_LETTER_QUEUE, EVENTS_QUEUE
@@ -34,10 +35,14 @@ async def _one(conn: psycopg.AsyncConnection[Any], query: str, *args: object) ->
     return row[0] if row else None
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])  # the default, and the one to fall back on
 async def test_same_event_posted_five_times_gives_one_ledger_row_and_one_payment(
-    stack_factory: Callable[..., Stack], make_vhost: Callable[[], str], conn: psycopg.AsyncConnection[Any]
+    stack_factory: Callable[..., Stack],
+    make_vhost: Callable[[], str],
+    conn: psycopg.AsyncConnection[Any],
+    loop: str,
 ) -> None:
-    stack = stack_factory(make_vhost(), WEBHOOK_PATH_TOKEN="e2e-token")
+    stack = stack_factory(make_vhost(), WEBHOOK_PATH_TOKEN="e2e-token", PAYBUS_EVENT_LOOP=loop)
     stack.start_ingress()
     stack.start_processor()
     user = "7d3f7c8e-1111-4a5b-9c9d-000000000001"

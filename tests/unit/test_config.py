@@ -79,3 +79,24 @@ def test_complete_production_configuration_loads() -> None:
         }
     )
     assert settings.production and settings.stripe_livemode
+
+
+def test_the_event_loop_is_uvloop_unless_asyncio_is_asked_for() -> None:
+    import asyncio
+
+    import uvloop
+
+    from shared.loops import loop_factory
+
+    assert load_settings({}).event_loop == "uvloop"
+    assert load_settings({"PAYBUS_EVENT_LOOP": " Asyncio "}).event_loop == "asyncio"
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"PAYBUS_EVENT_LOOP": "trio"})
+    assert caught.value.problems == ["PAYBUS_EVENT_LOOP must be uvloop or asyncio"]
+    for kind, expected in (("uvloop", uvloop.Loop), ("asyncio", asyncio.BaseEventLoop)):
+        loop = loop_factory(kind)()
+        try:
+            assert isinstance(loop, expected)
+            assert (kind == "uvloop") == isinstance(loop, uvloop.Loop)
+        finally:
+            loop.close()
