@@ -30,6 +30,7 @@ from tests.bench.harness import (
     Process,
     cpu_seconds,
     loadavg,
+    machine_busy,
     require_peer,
     require_wrk,
     run_wrk,
@@ -189,13 +190,14 @@ class Bench:
         self.results.insert_rate = len(inserts) / seconds
         print(f"  raw batched inserts: {self.results.insert_rate:,.0f} rows/s", flush=True)
 
-        started = time.monotonic()
+        started, busy = time.monotonic(), machine_busy()
         processor = self.start("processor", [PAYBUS, "processor"], env)
         processor.wait_ready(f"http://127.0.0.1:{env['METRICS_PORT']}/readyz")
         settled = self.wait_applied(url, amqp, len(backlog), timeout=900 if not self.args.quick else 300)
         wall = time.monotonic() - started
         self.results.drain = self.drain_stats(url, settled, wall)
         self.results.drain["cpu_ms"] = 1000 * cpu_seconds(processor.pid) / max(settled, 1)
+        self.results.drain["machine_ms"] = 1000 * (machine_busy() - busy) / max(settled, 1)
         self.results.drain["settled"] = settled
         print(
             f"  drain: {self.results.drain['rate']:,.0f}/s ({self.results.drain['seconds']:.1f} s from first "

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tests.bench import ceilings, events, ingress, profiling
 from tests.bench.__main__ import Bench, parse_args
-from tests.bench.harness import cpu_seconds, loadavg
+from tests.bench.harness import cpu_seconds, loadavg, machine_busy
 from tests.conftest import env_for
 
 
@@ -61,14 +61,6 @@ def own_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    tick = os.sysconf("SC_CLK_TCK")
-    return (sum(fields) - idle) / tick, sum(fields) / tick
-
-
 def run_variant(
     bench: Bench, backlog: list[tuple[str, str, bytes]], extra: dict[str, str], profile: bool
 ) -> str:
@@ -79,7 +71,7 @@ def run_variant(
     broker_cpu = cpu_seconds(broker) if broker else 0.0
     postgres = postgres_pid()
     postgres_cpu = tree_cpu(postgres)
-    busy0, total0 = machine_busy()
+    busy0, wall0 = machine_busy(), time.monotonic()
     started = time.monotonic()
     processor = bench.start("processor", ingress.command(extra, "processor"), env)
     processor.wait_ready(f"http://127.0.0.1:{env['METRICS_PORT']}/readyz")
@@ -94,8 +86,7 @@ def run_variant(
         if postgres
         else float("nan")
     )
-    busy1, total1 = machine_busy()
-    busy = (busy1 - busy0) / max(total1 - total0, 1e-9)
+    busy = (machine_busy() - busy0) / (os.cpu_count() or 1) / max(time.monotonic() - wall0, 1e-9)
     effects = bench.effects(url)
     rss = processor.rss_mib()
     if spy is not None:

@@ -162,6 +162,9 @@ class LoadResult:
     p99_ms: float
     wrapped: int = 0
     cpu_ms: float = 0.0  # server CPU time per request: steadier than rates on a shared machine
+    # CPU of the whole machine per request (server, its broker or database, and wrk): on 2 cores the
+    # rate cannot exceed 2,000 / machine_ms per second, whatever the server does
+    machine_ms: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -201,8 +204,10 @@ def run_wrk(
         str(threads),
     ]
     cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
+    busy_before = machine_busy()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 180, check=False)
     cpu = cpu_seconds(server_pid) - cpu_before if server_pid else 0.0
+    busy = machine_busy() - busy_before
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise BenchError(f"wrk failed ({done.returncode}): {done.stderr[-1000:]} {done.stdout[-1000:]}")
@@ -216,7 +221,15 @@ def run_wrk(
         p99_ms=int(data["p99_us"]) / 1000,
         wrapped=int(data["wrapped"]),
         cpu_ms=1000 * cpu / int(data["requests"]) if server_pid and int(data["requests"]) else 0.0,
+        machine_ms=1000 * busy / max(int(data["requests"]), 1),
     )
+
+
+def machine_busy() -> float:
+    """Busy CPU seconds of the whole machine so far, all cores (from the first line of /proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def loadavg() -> str:

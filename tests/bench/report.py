@@ -85,6 +85,11 @@ def render(r: Results) -> str:
             f"{(theirs.cpu_ms if theirs else 0):>22.3f}"
             f"{_ratio(ours.cpu_ms, theirs.cpu_ms) if theirs else 'n/a':>13}"
         )
+        add(
+            f"  c={c:<3} machine CPU ms per request (all){'':<11}{ours.machine_ms:>22.3f}"
+            f"{(theirs.machine_ms if theirs else 0):>22.3f}"
+            f"{_ratio(ours.machine_ms, theirs.machine_ms) if theirs else 'n/a':>13}"
+        )
     add("")
     peer_best = max((p.rate for p in r.peer.values()), default=0.0)
     drain_rate = float(r.drain.get("rate", 0.0))
@@ -98,6 +103,11 @@ def render(r: Results) -> str:
     settled = r.drain.get("settled", 0)
     add(f"  events settled / queued{'':<24}{f'{settled:,} / {r.drain_events:,}':>22}")
     add(f"  processor CPU ms per event (whole life){'':<8}{r.drain.get('cpu_ms', 0):>22.3f}")
+    peer_machine = min((p.machine_ms for p in r.peer.values()), default=0.0)
+    add(
+        f"  machine CPU ms per event (all processes){'':<7}{r.drain.get('machine_ms', 0):>22.3f}"
+        f"{peer_machine:>22.3f}{_ratio(r.drain.get('machine_ms', 0), peer_machine):>13}"
+    )
     add("  (peer: its best webhooks/s above; it verifies and writes each webhook inline)")
     add("")
     add(
