@@ -7,7 +7,8 @@ processor's CPU milliseconds per event. CPU per event is the steadier figure on 
     .venv/bin/python -m tests.bench.drain --events 4000 \
         --variant PROCESSOR_BATCH=1 --variant PROCESSOR_BATCH=50
 
-``SRC=DIR`` in a variant runs the processor code found in DIR (another checkout), for before/after.
+``SRC=DIR`` in a variant runs the processor code found in DIR (another checkout), for before/after;
+``PROCESSORS=N`` runs N processor processes on the same queue and database.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tests.bench import ceilings, events, ingress, profiling
 from tests.bench.__main__ import Bench, parse_args
 from tests.bench.harness import cpu_seconds, loadavg, machine_busy
 from tests.conftest import env_for
+from tests.support import free_port
 
 
 def broker_pid() -> int | None:
@@ -66,7 +68,7 @@ def run_variant(
 ) -> str:
     amqp, url = bench.vhost(), bench.database()
     asyncio.run(ceilings.publish_events(amqp, backlog))
-    env = env_for(url, amqp) | {k: v for k, v in extra.items() if k != "SRC"}
+    env = env_for(url, amqp) | {k: v for k, v in extra.items() if k not in ("SRC", "PROCESSORS")}
     broker = broker_pid()
     broker_cpu = cpu_seconds(broker) if broker else 0.0
     postgres = postgres_pid()
@@ -75,11 +77,15 @@ def run_variant(
     started = time.monotonic()
     processor = bench.start("processor", ingress.command(extra, "processor"), env)
     processor.wait_ready(f"http://127.0.0.1:{env['METRICS_PORT']}/readyz")
+    others = []  # PROCESSORS=N: N-1 more processes on the same queue and database (scale-out)
+    for n in range(1, int(extra.get("PROCESSORS", "1"))):
+        other_env = env | {"METRICS_PORT": str(free_port())}
+        others.append(bench.start(f"processor-{n}", ingress.command(extra, "processor"), other_env))
     spy = profiling.Profile(processor.pid, 15, bench.workdir / "drain.raw") if profile else None
     settled = bench.wait_applied(url, amqp, len(backlog), timeout=600)
     wall = time.monotonic() - started
     stats = bench.drain_stats(url, settled, wall)
-    cpu_ms = 1000 * cpu_seconds(processor.pid) / max(settled, 1)
+    cpu_ms = 1000 * sum(cpu_seconds(p.pid) for p in [processor, *others]) / max(settled, 1)
     broker_ms = 1000 * (cpu_seconds(broker) - broker_cpu) / max(settled, 1) if broker else float("nan")
     postgres_ms = (
         1000 * sum(t - postgres_cpu.get(p, 0.0) for p, t in tree_cpu(postgres).items()) / max(settled, 1)
@@ -91,7 +97,8 @@ def run_variant(
     rss = processor.rss_mib()
     if spy is not None:
         print(f"  profile: {spy.save('drain', 'paybus processor draining mixed events')}", flush=True)
-    bench.stop(processor)
+    for process in [processor, *others]:
+        bench.stop(process)
     label = " ".join(f"{k}={v}" for k, v in extra.items()) or "(defaults)"
     return (
         f"{label:<40} {stats['rate']:>8,.0f}/s  cpu {cpu_ms:6.3f} ms/event  "
