@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tests.bench import ceilings, events, ingress, profiling
 from tests.bench.__main__ import Bench, parse_args
-from tests.bench.harness import cpu_seconds, loadavg, machine_busy
+from tests.bench.harness import cpu_seconds, loadavg, machine_busy, own_cpu
 from tests.conftest import env_for
 from tests.support import free_port
 
@@ -52,15 +52,6 @@ def tree_cpu(pid: int | None) -> dict[int, float]:
         return {}
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
     return {p: own_cpu(p) for p in [pid, *map(int, found.stdout.split())]}
-
-
-def own_cpu(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` alone (0 once it has gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_variant(

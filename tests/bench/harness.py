@@ -177,13 +177,18 @@ def cpu_seconds(pid: int) -> float:
     stack = [pid]
     while stack:
         current = stack.pop()
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total += own_cpu(current)
         stack.extend(_children(current))
     return total
+
+
+def own_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` alone (0 once it has gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_wrk(
