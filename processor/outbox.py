@@ -43,6 +43,7 @@ SELECT seq, id, event_type, payload::text FROM outbox
  WHERE published_at IS NULL ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED
 """
 _MARK: Final = "UPDATE outbox SET published_at = now() WHERE seq = ANY(%s)"
+_BACKLOG: Final = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
 
 
 def new_id() -> str:
@@ -132,9 +133,7 @@ class OutboxRelay:
 
     async def _measure_backlog(self) -> None:
         async with self._pool.connection() as conn:
-            row = await (
-                await conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-            ).fetchone()
+            row = await (await conn.execute(_BACKLOG)).fetchone()
         self._metrics.outbox_backlog.set(row[0] if row else 0)
 
     async def _listen(self) -> AsyncConnection[Any]:
