@@ -13,7 +13,6 @@ retried and succeed, and that later event must win.
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple
 
@@ -139,10 +138,10 @@ async def _insert(conn: AsyncConnection[Any], upd: PaymentUpdate) -> Change:
     row = await (
         await cur.execute(
             """
-            INSERT INTO payments (id, user_id, stripe_payment_intent_id, stripe_checkout_session_id,
+            INSERT INTO payments (user_id, stripe_payment_intent_id, stripe_checkout_session_id,
                                   stripe_customer_id, subscription_id, mode, amount, currency, status,
                                   product, last_error, metadata, status_event_created, status_rank, paid_at)
-            VALUES (%(id)s, %(user_id)s, %(intent)s, %(session)s, %(customer)s, %(subscription)s, %(mode)s,
+            VALUES (%(user_id)s, %(intent)s, %(session)s, %(customer)s, %(subscription)s, %(mode)s,
                     %(amount)s, %(currency)s, %(status)s, %(product)s, %(error)s, %(metadata)s, %(created)s,
                     %(rank)s,
                     CASE WHEN %(status)s = 'succeeded' THEN to_timestamp(%(created)s) END)
@@ -153,7 +152,6 @@ async def _insert(conn: AsyncConnection[Any], upd: PaymentUpdate) -> Change:
                       AS paybus_has_related
             """,
             {
-                "id": str(uuid.uuid4()),
                 "user_id": upd.user_id,
                 "intent": upd.intent,
                 "session": upd.session,
