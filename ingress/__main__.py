@@ -11,7 +11,7 @@ from ingress.app import create_app
 from ingress.publisher import Publisher
 from ingress.workers import Workers, is_worker
 from shared.config import Settings
-from shared.loops import loop_factory
+from shared.loops import loop_factory, loop_name
 from shared.telemetry import PropagatingTracer, export_configured, setup_tracing, shutdown_tracing
 
 log = logging.getLogger("paybus.ingress")
@@ -30,6 +30,7 @@ def run(settings: Settings) -> int:
         tracer = provider.get_tracer("paybus.ingress")
     publisher = Publisher(settings.amqp_url, settings.publish_timeout, declare=settings.declare_topology)
     app = create_app(settings, publisher, tracer=tracer)
+    loop = loop_factory(settings.event_loop)()
     workers = None
     if settings.ingress_workers > 1:
 
@@ -45,17 +46,18 @@ def run(settings: Settings) -> int:
             workers = Workers(settings.ingress_workers - 1)
             workers.attach(app, SHUTDOWN_TIMEOUT + 5)
         log.info(
-            "ingress listening on http://%s:%d%s (%d process%s)",
+            "ingress listening on http://%s:%d%s (%d process%s); event loop %s",
             settings.ingress_host,
             settings.ingress_port,
             settings.webhook_path if not settings.webhook_path_token else "/webhook/stripe/<token>",
             settings.ingress_workers,
             "es" if settings.ingress_workers > 1 else "",
+            loop_name(loop),
         )
     # run_app stops accepting on SIGTERM/SIGINT and lets in-flight requests finish (shutdown_timeout).
     web.run_app(
         app,
-        loop=loop_factory(settings.event_loop)(),
+        loop=loop,
         host=settings.ingress_host,
         port=settings.ingress_port,
         reuse_port=settings.ingress_workers > 1,

@@ -27,7 +27,7 @@ from processor.pipeline import EventPipeline
 from processor.requests.runner import RequestService, open_request_service
 from shared.amqp import DEAD_LETTER_QUEUE, EVENTS_QUEUE, REQUESTS_QUEUE, declare_topology, topology
 from shared.config import Settings
-from shared.loops import loop_factory
+from shared.loops import loop_factory, loop_name
 from shared.telemetry import ProcessorMetrics, setup_tracing, shutdown_tracing
 
 log = logging.getLogger("paybus.processor")
@@ -154,10 +154,11 @@ async def serve(settings: Settings) -> None:
         await runner.setup()
         await web.TCPSite(runner, settings.ingress_host, settings.metrics_port).start()
         log.info(
-            "processor consuming %s, %s; health and metrics on :%d",
+            "processor consuming %s, %s; health and metrics on :%d; event loop %s",
             EVENTS_QUEUE,
             REQUESTS_QUEUE,
             settings.metrics_port,
+            loop_name(asyncio.get_running_loop()),
         )
         background.append(asyncio.create_task(_watch_queues(setup, metrics)))
         consuming = asyncio.create_task(events.run())

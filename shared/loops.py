@@ -13,3 +13,8 @@ def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
 
         return uvloop.new_event_loop
     return asyncio.new_event_loop
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """ "uvloop" or "asyncio": which loop a service really runs on (its start-up log line says)."""
+    return type(loop).__module__.split(".")[0]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tests.bench import ceilings, events, ingress, profiling
 from tests.bench.__main__ import Bench, parse_args
-from tests.bench.harness import cpu_seconds, loadavg, machine_busy, own_cpu
+from tests.bench.harness import children, cpu_seconds, loadavg, machine_busy, own_cpu
 from tests.conftest import env_for
 from tests.support import free_port
 
@@ -50,8 +50,7 @@ def tree_cpu(pid: int | None) -> dict[int, float]:
     which exits during a run drops out of the sum instead of making it negative)."""
     if pid is None:
         return {}
-    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
-    return {p: own_cpu(p) for p in [pid, *map(int, found.stdout.split())]}
+    return {p: own_cpu(p) for p in [pid, *children(pid)]}
 
 
 def run_variant(
@@ -64,8 +63,7 @@ def run_variant(
     broker_cpu = cpu_seconds(broker) if broker else 0.0
     postgres = postgres_pid()
     postgres_cpu = tree_cpu(postgres)
-    busy0, wall0 = machine_busy(), time.monotonic()
-    started = time.monotonic()
+    busy0, started = machine_busy(), time.monotonic()
     processor = bench.start("processor", ingress.command(extra, "processor"), env)
     processor.wait_ready(f"http://127.0.0.1:{env['METRICS_PORT']}/readyz")
     others = []  # PROCESSORS=N: N-1 more processes on the same queue and database (scale-out)
@@ -83,7 +81,7 @@ def run_variant(
         if postgres
         else float("nan")
     )
-    busy = (machine_busy() - busy0) / (os.cpu_count() or 1) / max(time.monotonic() - wall0, 1e-9)
+    busy = (machine_busy() - busy0) / (os.cpu_count() or 1) / max(time.monotonic() - started, 1e-9)
     effects = bench.effects(url)
     rss = processor.rss_mib()
     if spy is not None:

@@ -126,7 +126,7 @@ class Process:
         self._log.close()
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     found: list[int] = []
     try:
         for task in Path(f"/proc/{pid}/task").iterdir():
@@ -149,7 +149,7 @@ def rss_mib(pid: int) -> float:
                     total_kib += int(line.split()[1])
         except OSError:
             continue
-        stack.extend(_children(current))
+        stack.extend(children(current))
     return total_kib / 1024
 
 
@@ -178,7 +178,7 @@ def cpu_seconds(pid: int) -> float:
     while stack:
         current = stack.pop()
         total += own_cpu(current)
-        stack.extend(_children(current))
+        stack.extend(children(current))
     return total
 
 

@@ -64,6 +64,8 @@ async def test_same_event_posted_five_times_gives_one_ledger_row_and_one_payment
         )
     ).fetchall()
     assert rows == [(user, "succeeded", 49900, "inr")]
+    for service in (stack.ingress, stack.processor):  # each says which loop it really runs on
+        assert f"event loop {loop}" in service.log(), service.log()[-2000:]
 
 
 async def _drained(stack: Stack) -> bool:
