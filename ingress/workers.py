@@ -83,7 +83,14 @@ class Workers:
                     return
 
     def terminate(self) -> None:
-        """SIGTERM every worker: each stops accepting and finishes its in-flight requests."""
+        """SIGTERM every worker, once: each stops accepting and finishes its in-flight requests.
+
+        Once only: a second SIGTERM reaching a worker in the middle of its own shutdown interrupts it
+        there (aiohttp raises GracefulExit again), and a broker connection half closed then never
+        finishes closing, so the worker hangs until it is killed.
+        """
+        if self._stopping:
+            return
         self._stopping = True
         for proc in self._procs:
             if proc.poll() is None:

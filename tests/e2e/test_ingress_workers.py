@@ -17,7 +17,9 @@ from tests.e2e.conftest import Stack
 from tests.e2e.test_pipeline import _post
 from tests.support import drain_queue, wait_for_sync
 
-EVENTS = 24
+# Odd, so the two processes' counts always differ: the test tells them apart by their counts, and with
+# an even number an exact half-and-half split (one run in six at 24) looked like a single process.
+EVENTS = 25
 TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01")
 
 
@@ -26,6 +28,25 @@ def _children(pid: int) -> set[int]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         found.update(int(p) for p in (task / "children").read_text().split())
     return found
+
+
+def _listening(pid: int, port: str) -> bool:
+    """Whether process ``pid`` holds a socket listening on ``port`` (from /proc: its fds and the table)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port, state, inode = int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[9]
+            if local_port == int(port) and state == "0A" and inode in inodes:  # 0A: LISTEN
+                return True
+    return False
 
 
 def _ready(port: str) -> bool:
@@ -58,6 +79,8 @@ async def test_two_workers_share_the_port_and_sigterm_stops_both(
     [worker] = _children(main)
     # each process listens once its own broker connection is up, then answers /readyz for itself
     wait_for_sync(lambda: stack.ingress.log().count("connected to RabbitMQ") == 2, timeout=20)
+    # "connected" comes before the worker binds the port: until it does, every request goes to the first
+    wait_for_sync(lambda: _listening(worker, stack.env["INGRESS_PORT"]), timeout=20)
     wait_for_sync(lambda: all(_ready(stack.env["INGRESS_PORT"]) for _ in range(20)), timeout=20)
 
     ids = []
