@@ -2,7 +2,8 @@
 
 Each delivery runs in its own task (at most `prefetch` at once: the broker sends no more unacked
 messages) with its own transaction. The message is acked only after COMMIT; a crash before that
-redelivers it and the ledger absorbs the duplicate.
+redelivers it and the ledger absorbs the duplicate. Event acks leave coalesced, one frame per run of
+settled messages (`processor.acks`).
 
 While Postgres is down nothing is acked, nothing is returned and nothing is dead-lettered: the consumer
 is cancelled so no new work arrives, and the few messages already in hand wait in memory until the
@@ -26,6 +27,7 @@ import psycopg_pool
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, ConsumerTag
 from pamqp.commands import Basic
 
+from processor.acks import Acks
 from processor.errors import DatabaseUnavailable, Reject, Retry
 from shared.amqp import DEAD_LETTER_EXCHANGE, RETRY_EXCHANGE, copy_message, retry_queue_name, retry_tiers
 from shared.headers import (
@@ -156,8 +158,12 @@ class Consumer:
         forwarder: Forwarder,
         db_check: Callable[[], Awaitable[None]],
         prefetch: int,
+        *,
+        coalesce_acks: bool = False,
     ) -> None:
         self._channel = channel
+        # Events settle a batch at a time, so their acks coalesce; a request settles alone anyway.
+        self.acks = Acks() if coalesce_acks else None
         self._queue_name = queue_name
         self._work = work
         self._forwarder = forwarder
@@ -237,10 +243,14 @@ class Consumer:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        if self.acks is not None:
+            self.acks.delivered(message)
         try:
             await self._handle(message)
         finally:
             self._tasks.discard(task)
+            if self.acks is not None:
+                self.acks.unsettled(message)  # a no-op unless it was left unacked (shutting down)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -251,6 +261,14 @@ class Consumer:
             log.exception("could not settle message")
             with contextlib.suppress(Exception):  # channel closed: the broker has already requeued it
                 await message.nack(requeue=True)
+                if self.acks is not None:
+                    self.acks.nacked(message)
+
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
+        if self.acks is not None:
+            await self.acks.ack(message)
+        else:
+            await message.ack()
 
     async def _handle_one(self, message: AbstractIncomingMessage) -> None:
         conflicts = 0
@@ -277,7 +295,7 @@ class Consumer:
             except Reject as exc:
                 log.warning("dead-lettering message: %s (%s)", exc.reason, exc.detail)
                 await self._forwarder.dead_letter(message, exc.reason, exc.detail)
-                await message.ack()
+                await self._ack(message)
                 return
             except Retry as exc:
                 error = str(exc)
@@ -288,11 +306,11 @@ class Consumer:
             else:
                 # Outside the try: an ack that fails (channel lost) is not a processing failure; the
                 # broker redelivers the message and the ledger absorbs it.
-                await message.ack()
+                await self._ack(message)
                 return
             outcome = await self._forwarder.retry_or_dead_letter(message, error)
             log.warning("transient failure, %s: %s", outcome, error)
-            await message.ack()
+            await self._ack(message)
             return
 
 

@@ -148,7 +148,9 @@ async def serve(settings: Settings) -> None:
 
         pipeline = EventPipeline(pool, handlers(), ctx, metrics, tracer)
         batcher = EventBatcher(pipeline, max_batch=settings.batch_size)
-        events = Consumer(channel, EVENTS_QUEUE, batcher, forwarder, db_check, settings.prefetch)
+        events = Consumer(
+            channel, EVENTS_QUEUE, batcher, forwarder, db_check, settings.prefetch, coalesce_acks=True
+        )
         requests = await open_request_service(settings, connection, catalog, metrics)
         runner = web.AppRunner(_health_app(events, connection, metrics), access_log=None)
         await runner.setup()
@@ -173,6 +175,8 @@ async def serve(settings: Settings) -> None:
             task.result()  # surface the crash
         log.info("processor stopping: finishing in-flight messages")
         await asyncio.gather(events.stop(), requests.consumer.stop())
+        if events.acks is not None:
+            log.info("events acked: %d messages in %d ack frames", events.acks.acked, events.acks.frames)
         consuming.cancel()
         answering.cancel()
         relay.stop()
