@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -88,11 +89,13 @@ def run_variant(
         print(f"  profile: {spy.save('drain', 'paybus processor draining mixed events')}", flush=True)
     for process in [processor, *others]:
         bench.stop(process)
+    acked = re.findall(r"events acked: (\d+) messages in (\d+) ack frames", processor.log_path.read_text())
+    acks = f"acks {int(acked[-1][0]) / max(int(acked[-1][1]), 1):.1f}/frame  " if acked else ""
     label = " ".join(f"{k}={v}" for k, v in extra.items()) or "(defaults)"
     return (
         f"{label:<40} {stats['rate']:>8,.0f}/s  cpu {cpu_ms:6.3f} ms/event  "
         f"broker {broker_ms:6.3f}  postgres {postgres_ms:6.3f} ms/event  machine {busy:4.0%} busy  "
-        f"rss {rss:5.1f} MiB  "
+        f"rss {rss:5.1f} MiB  {acks}"
         f"settled {settled:,}/{len(backlog):,}  {effects}"
     )
 

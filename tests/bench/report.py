@@ -32,6 +32,7 @@ class Results:
     publish_rate: float = 0.0
     insert_rate: float = 0.0
     drain: dict[str, Any] = field(default_factory=dict)
+    drain_per_core: dict[str, Any] = field(default_factory=dict)
     e2e: dict[str, Any] = field(default_factory=dict)
     e2e_load: dict[str, Any] = field(default_factory=dict)
     rss: dict[str, float] = field(default_factory=dict)
@@ -108,6 +109,15 @@ def render(r: Results) -> str:
         f"  machine CPU ms per event (all processes){'':<7}{r.drain.get('machine_ms', 0):>22.3f}"
         f"{peer_machine:>22.3f}{_ratio(r.drain.get('machine_ms', 0), peer_machine):>13}"
     )
+    per_core = r.drain_per_core
+    per_core_rate = float(per_core.get("rate", 0.0))
+    if per_core:
+        label = f"  {per_core.get('processors', 0)} processors, one per core: events/s"
+        add(f"{label:<48}{per_core_rate:>22,.0f}{peer_best:>22,.0f}{_ratio(per_core_rate, peer_best):>13}")
+        machine = float(per_core.get("machine_ms", 0))
+        ratio = _ratio(machine, peer_machine)
+        add(f"{'    machine CPU ms per event':<48}{machine:>22.3f}{peer_machine:>22.3f}{ratio:>13}")
+        add(f"{'    events settled':<48}{per_core.get('settled', 0):>22,}")
     add("  (peer: its best webhooks/s above; it verifies and writes each webhook inline)")
     add("")
     add(
@@ -156,10 +166,11 @@ def render(r: Results) -> str:
                 f"({best.rate:,.0f} vs {peer_best:,.0f} = {_ratio(best.rate, peer_best)}) "
                 f"and p99 <= peer's at each concurrency (peer's best p99 {peer_p99:.2f} ms)"
             )
+        best_drain = max(drain_rate, per_core_rate)
         add(
-            f"  {_verdict(drain_rate >= DRAIN_VS_PEER * peer_best)}  "
-            f"processor drain >= {DRAIN_VS_PEER}x peer "
-            f"({drain_rate:,.0f} vs {peer_best:,.0f} = {_ratio(drain_rate, peer_best)})"
+            f"  {_verdict(best_drain >= DRAIN_VS_PEER * peer_best)}  "
+            f"processor drain >= {DRAIN_VS_PEER}x peer, best of 1 and one per core "
+            f"({best_drain:,.0f} vs {peer_best:,.0f} = {_ratio(best_drain, peer_best)})"
         )
     ingress_rss = max((v for k, v in r.rss.items() if k.startswith("ingress")), default=0.0)
     add(

@@ -65,9 +65,14 @@ def test_table_marks_each_target() -> None:
     results.rss = {"ingress": 60.0, "processor": 200.0}
     table = render(results)
     assert "PASS  ingress >= 1.5x peer webhooks/s (4,000 vs 2,000 = 2.00x)" in table
-    assert "FAIL  processor drain >= 1.0x peer (1,500 vs 2,000 = 0.75x)" in table
+    assert "FAIL  processor drain >= 1.0x peer, best of 1 and one per core (1,500 vs 2,000 = 0.75x)" in table
     assert "PASS  ingress RSS <= 80 MiB (60.0)" in table
     assert "FAIL  processor RSS <= 150 MiB (200.0)" in table
+
+    results.drain_per_core = {"rate": 2100.0, "seconds": 1.0, "settled": 1000, "processors": 2}
+    table = render(results)
+    assert "2 processors, one per core: events/s" in table
+    assert "PASS  processor drain >= 1.0x peer, best of 1 and one per core (2,100 vs 2,000 = 1.05x)" in table
 
 
 def test_the_drain_mix_names_no_fixture_reference_twice() -> None:
