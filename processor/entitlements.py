@@ -115,15 +115,16 @@ async def sync(
     user_id: str | None,
     grant: Grant,
     at: datetime,
-    new_source: bool = False,
+    no_rows: bool = False,
 ) -> None:
     """Make the entitlement rows of one source match ``grant``; emit an outbox event per real change.
 
     Rows need a user: while the source is unmapped nothing is granted, and linking the user later
-    (customer mapping) calls this again. ``new_source``: the source row was inserted in this
-    transaction, so no entitlement row can name it yet and there is nothing to read first.
+    (customer mapping) calls this again. ``no_rows``: the caller knows that no entitlement row names
+    this source yet (it was inserted in this transaction, or has never granted anything), so there is
+    nothing to read first.
     """
-    rows = [] if new_source else await (await conn.execute(_ROWS, (source_type, source_id))).fetchall()
+    rows = [] if no_rows else await (await conn.execute(_ROWS, (source_type, source_id))).fetchall()
     wanted = set(grant.features) if user_id else set()
     current = {}
     for row_id, row_user, feature, active, expires_at, product, reason in rows:

@@ -90,6 +90,8 @@ async def settle(
         ctx.catalog,
     )
     user = str(row["user_id"]) if row["user_id"] else None
+    # Only a succeeded payment grants, and succeeded is terminal (a merge keeps the better status): a
+    # payment that was not succeeded before this change has no entitlement row to read.
     await entitlements.sync(
         conn,
         source_type="payment",
@@ -97,7 +99,7 @@ async def settle(
         user_id=user,
         grant=grant,
         at=at,
-        new_source=before is None,
+        no_rows=before is None or before["status"] != "succeeded",
     )
     return changed
 
