@@ -68,6 +68,18 @@ class Change(NamedTuple):
     current: dict[str, Any] | None = None
 
 
+# The row(s) of a payment by whichever keys the event names. PaymentIntent events name one key, and
+# a single-index lookup plans in half the time of the two-key OR (each execution is planned afresh).
+_BY_KEYS: Final = {
+    (True, False): "SELECT * FROM payments WHERE stripe_payment_intent_id = %(intent)s FOR UPDATE",
+    (False, True): "SELECT * FROM payments WHERE stripe_checkout_session_id = %(session)s FOR UPDATE",
+    (True, True): "SELECT * FROM payments"
+    " WHERE stripe_payment_intent_id = %(intent)s OR stripe_checkout_session_id = %(session)s"
+    " ORDER BY created_at FOR UPDATE",
+    (False, False): "SELECT * FROM payments WHERE false",
+}
+
+
 def _key(row: dict[str, Any]) -> Any:
     return stored_key(row["status"], row["status_event_created"], row["status_rank"], TERMINAL)
 
@@ -76,13 +88,8 @@ async def apply(conn: AsyncConnection[Any], upd: PaymentUpdate) -> Change:
     """Apply ``upd`` under the guard; say what changed (`Change`)."""
     await lock_objects(conn, upd.intent and f"pi:{upd.intent}", upd.session and f"cs:{upd.session}")
     cur = conn.cursor(row_factory=dict_row)
-    rows = await (
-        await cur.execute(
-            "SELECT * FROM payments WHERE stripe_payment_intent_id = %s OR stripe_checkout_session_id = %s"
-            " ORDER BY created_at FOR UPDATE",
-            (upd.intent, upd.session),
-        )
-    ).fetchall()
+    query = _BY_KEYS[upd.intent is not None, upd.session is not None]
+    rows = await (await cur.execute(query, {"intent": upd.intent, "session": upd.session})).fetchall()
     if not rows:
         return await _insert(conn, upd)
     mergeable = len(rows) == 2 and all(r["stripe_payment_intent_id"] in (None, upd.intent) for r in rows)
