@@ -40,7 +40,8 @@ class _ChannelAcks:
         self.settled: dict[int, _Settled] = {}
         self.seen: set[int] = set()  # delivered to the consumer, not yet passed
         self.one_by_one = False
-        self.watching: asyncio.TimerHandle | None = None  # a run waits for a tag not seen
+        self.watching: asyncio.TimerHandle | None = None  # a run waits for a tag not seen...
+        self.watched = 0  # ...this one
 
 
 class Acks:
@@ -158,24 +159,22 @@ class Acks:
 
     def _watch(self, state: _ChannelAcks) -> None:
         """Time a run stuck at a tag the consumer never saw; stop timing once it moves on."""
-        stuck = bool(state.settled) and state.next not in state.seen
-        if not stuck:
-            if state.watching is not None:
-                state.watching.cancel()
-                state.watching = None
-            return
-        if state.watching is None:
-            tag = state.next
-            state.watching = asyncio.get_running_loop().call_later(
-                self._missing_after, self._missing, state, tag
-            )
+        stuck = bool(state.settled) and state.next not in state.seen and not state.one_by_one
+        if state.watching is not None and (not stuck or state.watched != state.next):
+            state.watching.cancel()
+            state.watching = None
+        if stuck and state.watching is None:
+            state.watched = state.next
+            state.watching = asyncio.get_running_loop().call_later(self._missing_after, self._missing, state)
 
-    def _missing(self, state: _ChannelAcks, tag: int) -> None:
+    def _missing(self, state: _ChannelAcks) -> None:
         state.watching = None
-        if state.next == tag and tag not in state.seen and state.settled:
-            log.warning("delivery %d never reached the consumer; acking this channel one by one", tag)
+        if state.next == state.watched and state.next not in state.seen and state.settled:
+            log.warning("delivery %d never reached the consumer; acking this channel one by one", state.next)
             state.one_by_one = True
             self._schedule()
+        else:
+            self._watch(state)  # moved on, perhaps to be stuck at another tag
 
     async def _one_by_one(self, state: _ChannelAcks) -> None:
         settled, state.settled = state.settled, {}

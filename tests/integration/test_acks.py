@@ -142,6 +142,20 @@ async def test_a_run_waiting_for_a_delivery_never_seen_goes_one_by_one(in_hand: 
     assert await _returned_after_close(in_hand) == 1  # the broker still holds it: not acked unseen
 
 
+async def test_the_wait_for_a_missing_delivery_is_timed_again_for_the_next_one(in_hand: InHand) -> None:
+    acks = Acks(missing_tag_seconds=0.3)
+    first, second, *rest = in_hand.messages
+    for message in rest:
+        acks.delivered(message)
+    waiting = [asyncio.create_task(acks.ack(m)) for m in rest]
+    await asyncio.sleep(0.05)  # the run is flushed and now waits for the first, unseen (timer: 0.3 s)
+    acks.delivered(first)  # it turns up late and is acked: the run moves on to wait for the second
+    await asyncio.wait_for(acks.ack(first), timeout=10)
+    await asyncio.wait_for(asyncio.gather(*waiting), timeout=10)
+    assert acks.frames == 1 + len(rest)  # the first in a run of its own, the rest one by one
+    assert await _returned_after_close(in_hand) == 1  # the second is still the broker's
+
+
 async def _done(tasks: list[asyncio.Task[None]]) -> bool:
     return all(t.done() for t in tasks)
 
