@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any, Final
 
 import aio_pika
+import aiormq
 import psycopg
 import psycopg_pool
 from aio_pika.abc import AbstractChannel
@@ -108,19 +109,29 @@ class OutboxRelay:
         self._stopping.set()
 
     async def relay_once(self) -> int:
-        """Publish one batch of unpublished rows; return how many were published."""
-        exchange = await self._channel.get_exchange(DOMAIN_EXCHANGE, ensure=False)
+        """Publish one batch of unpublished rows; return how many were published.
+
+        Straight to aiormq's channel, as the ingress does: aio-pika's `Message` and `Exchange.publish`
+        rebuild the same properties through attribute hooks per message. Semantics stay aio-pika's:
+        persistent, confirmed, one timeout over write and confirm.
+        """
         async with self._pool.connection() as conn, conn.transaction():
             rows = await (await conn.execute(_CLAIM, (self._batch,))).fetchall()
             if not rows:
                 return 0
+            underlay = await self._channel.get_underlay_channel()
+            assert isinstance(underlay, aiormq.Channel)  # narrows the type for `wait`
+            now = datetime.now().astimezone()
             confirmations = await asyncio.gather(
                 *(
-                    exchange.publish(
-                        _message(str(row_id), event_type, payload),
+                    underlay.basic_publish(
+                        payload.encode(),
+                        exchange=DOMAIN_EXCHANGE,
                         routing_key=event_type,
+                        properties=_properties(str(row_id), event_type, now),
                         mandatory=False,
                         timeout=10,
+                        wait=False,
                     )
                     for _, row_id, event_type, payload in rows
                 )
@@ -165,12 +176,11 @@ _OUTAGES: Final = (
 )
 
 
-def _message(row_id: str, event_type: str, payload: str) -> aio_pika.Message:
-    return aio_pika.Message(
-        payload.encode(),
+def _properties(row_id: str, event_type: str, now: datetime) -> Basic.Properties:
+    return Basic.Properties(
         message_id=row_id,
-        type=event_type,
+        message_type=event_type,
         content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        timestamp=datetime.now().astimezone(),
+        delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
+        timestamp=now,
     )

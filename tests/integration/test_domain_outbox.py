@@ -127,6 +127,7 @@ async def test_the_relay_publishes_each_row_once_with_its_id_as_message_id(
         assert routing_key == row["event_type"] == message.type
         assert message.content_type == "application/json"
         assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert message.timestamp is not None and abs(message.timestamp.timestamp() - time.time()) < 60
         decoded = domain_events.decode(message.body)
         assert (decoded.id, decoded.user_id) == (row["id"], u)
     published = await rows(conn, "SELECT published_at FROM outbox WHERE user_id = %s", u)
