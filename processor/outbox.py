@@ -170,6 +170,7 @@ _OUTAGES: Final = (
     psycopg.OperationalError,
     psycopg_pool.PoolTimeout,
     aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,  # a RuntimeError, not an AMQPError: the channel is closed
     RelayNotConfirmed,
     TimeoutError,
     ConnectionError,
