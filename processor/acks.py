@@ -96,7 +96,11 @@ class Acks:
 
     def nacked(self, message: AbstractIncomingMessage) -> None:
         """``message`` was nacked or rejected (the frame is written): later runs may pass its tag."""
-        self._passed(message)
+        tag = message.delivery_tag
+        state = self._state(message)
+        if state is not None and tag is not None and tag >= state.next:
+            state.settled[tag] = (None, None)
+            self._schedule()
 
     def unsettled(self, message: AbstractIncomingMessage) -> None:
         """``message``'s work ended without an ack or a nack: never pass its tag with `multiple`."""
@@ -106,13 +110,6 @@ class Acks:
             return
         state.one_by_one = True
         self._schedule()
-
-    def _passed(self, message: AbstractIncomingMessage) -> None:
-        tag = message.delivery_tag
-        state = self._state(message)
-        if state is not None and tag is not None and tag >= state.next:
-            state.settled[tag] = (None, None)
-            self._schedule()
 
     def _schedule(self) -> None:
         # A task, not an ack at once: every message settled in this turn of the loop joins the run.

@@ -10,7 +10,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from processor.acks import Acks
+from processor.acks import MISSING_TAG_SECONDS, Acks
 from processor.consumer import Consumer, Forwarder
 from shared.amqp import declare_topology, topology
 from tests.support import queue_depth, wait_for
@@ -22,11 +22,8 @@ COUNT = 10
 class InHand:
     """``COUNT`` deliveries of a fresh quorum queue, taken by a consumer and not yet settled."""
 
-    def __init__(
-        self, amqp: str, connection: aio_pika.abc.AbstractConnection, channel: AbstractChannel
-    ) -> None:
+    def __init__(self, amqp: str, channel: AbstractChannel) -> None:
         self.amqp = amqp
-        self.connection = connection
         self.channel = channel
         self.messages: list[AbstractIncomingMessage] = []
 
@@ -45,7 +42,7 @@ async def in_hand(make_vhost: Callable[[], str]) -> AsyncIterator[InHand]:
         await publisher.default_exchange.publish(aio_pika.Message(str(index).encode()), routing_key=QUEUE)
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=COUNT)
-    held = InHand(amqp, connection, channel)
+    held = InHand(amqp, channel)
 
     async def take(message: AbstractIncomingMessage) -> None:
         held.messages.append(message)
@@ -58,7 +55,7 @@ async def in_hand(make_vhost: Callable[[], str]) -> AsyncIterator[InHand]:
     await connection.close()
 
 
-def _acks(held: InHand, missing_tag_seconds: float = 30.0) -> Acks:
+def _acks(held: InHand, missing_tag_seconds: float = MISSING_TAG_SECONDS) -> Acks:
     """Acks that have seen every delivery in hand, as the consumer's do."""
     acks = Acks(missing_tag_seconds)
     for message in held.messages:
