@@ -7,6 +7,11 @@ backlog drains in full batches) and an idle processor answers a lone webhook aft
 One batch at a time also means batches never wait on each other's row locks; in a run of many small
 concurrent batches they did, and the drain was three times slower (tests/bench/README.md).
 
+Inside the transaction the batch is split into chains (`processor.chains`): events naming a common
+object or user are applied one after the other, in delivery order, and the chains side by side, so
+their statements share round trips. If two chains reach the same object all the same (a refund that
+names only its charge), the batch stops and runs again with every event in order (`Entangled`).
+
 A batch commits as a whole; if any message in it fails (poison, bad payload, lock conflict, bug), the
 batch rolls back and every message is processed alone in its own transaction, where the failure
 belongs to the one message that caused it. Nothing is acked before the COMMIT that holds its effect.
@@ -16,16 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Final
+from collections.abc import Coroutine
+from typing import Any, Final
 
 from aio_pika.abc import AbstractIncomingMessage
 from opentelemetry import context, trace
 from opentelemetry.trace import Link, SpanKind
 
+from processor.chains import split
 from processor.consumer import DB_DOWN_ERRORS
+from processor.events import Event
 from processor.ledger import Result, apply_event, finish_many, parse_event, record_many, transaction
 from processor.pipeline import EventPipeline, received_at_of
 from processor.schema import unknown_schema
+from processor.store.locks import Claims, Entangled, enter_chain
 from shared.telemetry import extract
 
 MAX_BATCH: Final = 50
@@ -52,6 +61,8 @@ class EventBatcher:
         self._linger = linger
         self._pending: list[_Pending] = []
         self._runner: asyncio.Task[None] | None = None
+        self.batches = 0  # batches applied in a shared transaction
+        self.entangled = 0  # of those, how many two chains met in, and were applied again in order
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
         token = context.attach(extract(message.headers))
@@ -117,32 +128,73 @@ class EventBatcher:
         with pipeline.tracer.start_as_current_span(
             "db apply_batch", context=parent, kind=SpanKind.CLIENT, links=links
         ) as db_span:
-            db_span.set_attributes({"db.system": "postgresql", "paybus.batch_size": len(batch)})
-            results: list[Result] = []
-            finished: list[tuple[str, str, str | None]] = []
-            async with pipeline.pool.connection() as conn, transaction(conn):
-                recorded = await record_many(
-                    conn, [(message.body, event, received_at_of(message)) for message, event in items]
-                )
-                for (message, event), new in zip(items, recorded, strict=True):
-                    results.append(
-                        await apply_event(
-                            conn,
-                            message.body,
-                            event,
-                            pipeline.handlers,
-                            pipeline.ctx,
-                            savepoint=False,
-                            finished=finished,
-                            recorded=new,
-                        )
-                    )
-                await finish_many(conn, finished)
+            chains = split([event for _, event in items])
+            db_span.set_attributes(
+                {"db.system": "postgresql", "paybus.batch_size": len(batch), "paybus.chains": len(chains)}
+            )
+            self.batches += 1
+            try:
+                results = await self._transact(items, chains)
+            except Entangled as exc:
+                self.entangled += 1
+                db_span.add_event("entangled", {"paybus.key_kind": str(exc).split(":", 1)[0]})
+                results = await self._transact(items, [list(range(len(items)))])
         elapsed = (time.perf_counter() - started) / len(items)
         for (message, event), result in zip(items, results, strict=True):
             pipeline.observe(event.type, result, elapsed, received_at_of(message))
         return results
 
+    async def _transact(
+        self, items: list[tuple[AbstractIncomingMessage, Event]], chains: list[list[int]]
+    ) -> list[Result]:
+        """Apply the batch in one transaction, its chains side by side (each chain's events in order)."""
+        pipeline = self._pipeline
+        outcomes: list[Result] = []
+        finished: list[tuple[str, str, str | None]] = []
+        async with pipeline.pool.connection() as conn, transaction(conn):
+            recorded = await record_many(
+                conn, [(message.body, event, received_at_of(message)) for message, event in items]
+            )
+            by_index: dict[int, Result] = {}
+
+            async def chain(indexes: list[int], claims: Claims | None = None, number: int = 0) -> None:
+                if claims is not None:
+                    enter_chain(claims, number)  # this chain's own task: the mark ends with it
+                for i in indexes:
+                    message, event = items[i]
+                    by_index[i] = await apply_event(
+                        conn,
+                        message.body,
+                        event,
+                        pipeline.handlers,
+                        pipeline.ctx,
+                        savepoint=False,
+                        finished=finished,
+                        recorded=recorded[i],
+                    )
+
+            if len(chains) == 1:
+                await chain(chains[0])
+            else:
+                claims = Claims()
+                await _together([chain(indexes, claims, n) for n, indexes in enumerate(chains)])
+            await finish_many(conn, finished)
+            outcomes = [by_index[i] for i in range(len(items))]
+        return outcomes
+
     async def close(self) -> None:
         if self._runner is not None:
             await asyncio.gather(self._runner, return_exceptions=True)
+
+
+async def _together(work: list[Coroutine[Any, Any, None]]) -> None:
+    """Run chains side by side, each in its own task; when all have ended, raise the first failure.
+
+    None is cancelled: a chain stopped halfway through a statement would leave the shared connection
+    in an unknown state. A failed statement aborts the transaction, so the others fail fast too. A
+    lost database wins over other failures (the consumer then pauses instead of judging messages).
+    """
+    outcomes = await asyncio.gather(*work, return_exceptions=True)
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    if failures:
+        raise next((f for f in failures if isinstance(f, DB_DOWN_ERRORS)), failures[0])

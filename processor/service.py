@@ -177,6 +177,7 @@ async def serve(settings: Settings) -> None:
         await asyncio.gather(events.stop(), requests.consumer.stop())
         if events.acks is not None:
             log.info("events acked: %d messages in %d ack frames", events.acks.acked, events.acks.frames)
+        log.info("event batches: %d, %d applied again in order", batcher.batches, batcher.entangled)
         consuming.cancel()
         answering.cancel()
         relay.stop()

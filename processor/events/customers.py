@@ -19,7 +19,7 @@ from psycopg import AsyncConnection
 from processor.context import Context
 from processor.events import Applied, Event, Handler
 from processor.store import payment_effects, subscriptions
-from processor.store.locks import lock_customer
+from processor.store.locks import claim, lock_customer, shared_transaction
 from processor.users import user_from_object
 
 
@@ -27,6 +27,15 @@ class Customer(msgspec.Struct, frozen=True):
     id: str
     email: str | None = None
     name: str | None = None
+
+
+_MAP: Final = """
+INSERT INTO stripe_customers (stripe_customer_id, user_id) VALUES (%s, %s)
+ON CONFLICT (stripe_customer_id)
+DO UPDATE SET user_id = EXCLUDED.user_id, updated_at = now()
+ WHERE stripe_customers.user_id IS NULL
+RETURNING 1
+"""
 
 
 async def map_customer(
@@ -45,20 +54,15 @@ async def map_customer(
             (user_id, customer),
         )
     ).fetchone()
-    if taken is None:
+    if taken is None and shared_transaction():
+        # No savepoint: it would undo the other chains' work too. If another transaction maps this user
+        # to another customer meanwhile, the unique violation fails the batch, which then applies each
+        # event alone, with the savepoint below.
+        changed = await (await conn.execute(_MAP, (customer, user_id))).fetchone() is not None
+    elif taken is None:
         try:
             async with conn.transaction():  # a concurrent mapping of this user to another customer may win
-                cur = await conn.execute(
-                    """
-                    INSERT INTO stripe_customers (stripe_customer_id, user_id) VALUES (%s, %s)
-                    ON CONFLICT (stripe_customer_id)
-                    DO UPDATE SET user_id = EXCLUDED.user_id, updated_at = now()
-                     WHERE stripe_customers.user_id IS NULL
-                    RETURNING 1
-                    """,
-                    (customer, user_id),
-                )
-                changed = await cur.fetchone() is not None
+                changed = await (await conn.execute(_MAP, (customer, user_id))).fetchone() is not None
         except psycopg.errors.UniqueViolation:
             pass
     return await link_orphans(conn, customer, user_id, ctx, at) or changed
@@ -70,11 +74,16 @@ async def link_orphans(
     rows = await (
         await conn.execute(
             "UPDATE payments SET user_id = %s, updated_at = now()"
-            " WHERE stripe_customer_id = %s AND user_id IS NULL RETURNING id",
+            " WHERE stripe_customer_id = %s AND user_id IS NULL"
+            " RETURNING id, stripe_payment_intent_id, stripe_checkout_session_id",
             (user_id, customer),
         )
     ).fetchall()
-    for (payment_id,) in rows:
+    # These rows change without their key locks (the customer's exclusive lock covers them against
+    # other transactions); in a shared transaction no other chain may be working on them.
+    claim(f"pi:{intent}" for _, intent, _ in rows if intent)
+    claim(f"cs:{session}" for _, _, session in rows if session)
+    for payment_id, _, _ in rows:
         snapshot = await payment_effects.snapshot(conn, str(payment_id))
         await payment_effects.settle(conn, str(payment_id), snapshot, ctx, at)
     subs = await (
@@ -84,6 +93,7 @@ async def link_orphans(
             (user_id, customer),
         )
     ).fetchall()
+    claim(f"sub:{sub_id}" for (sub_id,) in subs)
     for (sub_id,) in subs:
         await subscriptions.derive(conn, sub_id, ctx, at)
     invoices = await (
@@ -93,6 +103,7 @@ async def link_orphans(
             (user_id, customer),
         )
     ).fetchall()
+    claim(f"invoices:{invoice_id}" for (invoice_id,) in invoices)
     return bool(rows or subs or invoices)
 
 

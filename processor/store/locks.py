@@ -8,10 +8,16 @@ exclusive lock and after the handler's own key locks, never before them. Locks a
 and they also cover rows that do not exist yet (which `SELECT … FOR UPDATE` cannot), so "insert if
 missing" never races into a unique violation. A hash collision only makes two objects wait for
 each other, never wrong.
+
+Within one transaction these locks exclude nothing: a batch that applies independent chains of events
+side by side on one connection (`processor.chains`) claims every key for its chain (`Claims`), and a
+key wanted by two chains stops the batch (`Entangled`) so that it runs again one event after another.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from contextvars import ContextVar
 from typing import Any, Final
 
 from psycopg import AsyncConnection
@@ -22,6 +28,50 @@ _MANY: Final = "SELECT pg_advisory_xact_lock(hashtextextended(key, 0)) FROM unne
 _SHARED: Final = "SELECT pg_advisory_xact_lock_shared(hashtextextended(%s, 0))"
 
 
+class Entangled(Exception):
+    """Two chains of one batch want the same object: the batch must run its events in order instead."""
+
+
+class Claims:
+    """Which chain of a shared transaction holds each key; shared customer locks may be held by many."""
+
+    def __init__(self) -> None:
+        self._exclusive: dict[str, int] = {}  # key -> the chain holding it exclusively
+        self._shared: dict[str, set[int]] = {}  # key -> the chains holding it shared
+
+    def claim(self, chain: int, keys: Iterable[str], *, exclusive: bool = True) -> None:
+        for key in keys:
+            if self._exclusive.get(key, chain) != chain:
+                raise Entangled(key)
+            if not exclusive:
+                self._shared.setdefault(key, set()).add(chain)
+            elif self._shared.get(key, set()) - {chain}:
+                raise Entangled(key)
+            else:
+                self._exclusive[key] = chain
+
+
+# Set by each chain of a shared transaction: the batch's claims and the chain's number.
+_CHAIN: ContextVar[tuple[Claims, int] | None] = ContextVar("paybus_chain", default=None)
+
+
+def enter_chain(claims: Claims, chain: int) -> None:
+    """Make the running task chain ``chain`` of the transaction ``claims`` belongs to."""
+    _CHAIN.set((claims, chain))
+
+
+def shared_transaction() -> bool:
+    """Whether other chains run in this transaction too (then a savepoint would undo their work)."""
+    return _CHAIN.get() is not None
+
+
+def claim(keys: Iterable[str], *, exclusive: bool = True) -> None:
+    """Claim ``keys`` for the running chain, if any; raise `Entangled` if another chain holds one."""
+    chain = _CHAIN.get()
+    if chain is not None:
+        chain[0].claim(chain[1], keys, exclusive=exclusive)
+
+
 async def lock_customer(conn: AsyncConnection[Any], customer: str | None, *, exclusive: bool = False) -> None:
     """Shared by writers that read the customer's user; exclusive for whoever changes that mapping.
 
@@ -29,11 +79,13 @@ async def lock_customer(conn: AsyncConnection[Any], customer: str | None, *, exc
     linker waits for in-flight writers to commit, and writers that start later see the new mapping.
     """
     if customer:
+        claim([f"cus:{customer}"], exclusive=exclusive)
         await conn.execute(_EXCLUSIVE if exclusive else _SHARED, (f"cus:{customer}",))
 
 
 async def lock_objects(conn: AsyncConnection[Any], *keys: str | None) -> None:
     """Exclusive locks on "kind:id" keys, in sorted order (the order matters: see the module doc)."""
     ordered = sorted({k for k in keys if k})
+    claim(ordered)
     if ordered:  # one round trip; the locks are taken one after the other, in array order
         await conn.execute(_MANY, (ordered,))

@@ -91,6 +91,9 @@ def run_variant(
         bench.stop(process)
     acked = re.findall(r"events acked: (\d+) messages in (\d+) ack frames", processor.log_path.read_text())
     acks = f"acks {int(acked[-1][0]) / max(int(acked[-1][1]), 1):.1f}/frame  " if acked else ""
+    batches = re.findall(r"event batches: (\d+), (\d+) applied again", processor.log_path.read_text())
+    if batches:
+        acks += f"batches {int(batches[-1][0]):,} again {int(batches[-1][1]):,}  "
     label = " ".join(f"{k}={v}" for k, v in extra.items()) or "(defaults)"
     return (
         f"{label:<40} {stats['rate']:>8,.0f}/s  cpu {cpu_ms:6.3f} ms/event  "

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -19,8 +23,12 @@ from processor.catalog import load_catalog
 from processor.context import Context
 from processor.errors import Reject
 from processor.events import handlers
+from processor.events.customers import map_customer
+from processor.ledger import transaction
 from processor.pipeline import EventPipeline
+from processor.store.locks import Claims, enter_chain
 from shared import samples
+from tests.integration.domain_helpers import CTX, active_features, deliver, one, outbox_types
 from tests.support import REPO
 
 
@@ -34,7 +42,12 @@ class Delivery(msgspec.Struct):
 
 
 @pytest.fixture
-async def batcher(database: str) -> AsyncIterator[tuple[EventBatcher, InMemorySpanExporter]]:
+async def batcher(parts: tuple[EventBatcher, InMemorySpanExporter, EventPipeline]) -> Any:
+    return parts[:2]
+
+
+@pytest.fixture
+async def parts(database: str) -> AsyncIterator[tuple[EventBatcher, InMemorySpanExporter, EventPipeline]]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -47,7 +60,7 @@ async def batcher(database: str) -> AsyncIterator[tuple[EventBatcher, InMemorySp
         tracer=provider.get_tracer("t"),
     )
     batcher = EventBatcher(pipeline, max_batch=10, linger=0.05)
-    yield batcher, exporter
+    yield batcher, exporter, pipeline
     await batcher.close()
     await pool.close()
 
@@ -152,3 +165,209 @@ async def test_a_batch_of_events_already_applied_changes_nothing(
         s.attributes["paybus.batch_size"] for s in exporter.get_finished_spans() if s.name == "db apply_batch"
     ]
     assert batches == [10, 10]  # the second delivery went through the batch path too, as duplicates
+
+
+# Chains: events of a batch that name no common object or user are applied side by side on the batch's
+# connection; a key two chains reach all the same stops the batch, which runs again in order.
+
+
+def _batch_spans(exporter: InMemorySpanExporter) -> list[Any]:
+    return [s for s in exporter.get_finished_spans() if s.name == "db apply_batch"]
+
+
+async def _deliver_batch(work: EventBatcher, envelopes: list[dict[str, Any]]) -> list[Any]:
+    deliveries = [Delivery(samples.encode(e), type=e["type"], routing_key=e["type"]) for e in envelopes]
+    return await asyncio.gather(*(work(d) for d in deliveries), return_exceptions=True)  # type: ignore[arg-type]
+
+
+async def test_independent_payments_are_applied_side_by_side_each_in_its_own_order(
+    parts: Any, conn: psycopg.AsyncConnection[Any]
+) -> None:
+    work, exporter, pipeline = parts
+    spans: list[tuple[str, str]] = []  # (PaymentIntent, "start" | "end") as the handlers ran
+    on_payment_intent = pipeline.handlers["payment_intent.succeeded"]
+
+    async def watched(c: psycopg.AsyncConnection[Any], event: Any, ctx: Context) -> Any:
+        spans.append((event.data.object["id"], "start"))
+        applied = await on_payment_intent(c, event, ctx)
+        spans.append((event.data.object["id"], "end"))
+        return applied
+
+    for event_type in ("payment_intent.created", "payment_intent.succeeded", "payment_intent.payment_failed"):
+        pipeline.handlers[event_type] = watched
+    users = [str(uuid.uuid4()) for _ in range(5)]
+    now = int(time.time())
+    intents = [samples.new_id("pi") for _ in range(5)]
+    created = [
+        samples.event(
+            "payment_intent.created",
+            samples.payment_intent(intent_id=pi, user_id=u, product="course_bundle"),
+            created=now,
+        )
+        for pi, u in zip(intents, users, strict=True)
+    ]
+    ended = [
+        samples.event(
+            "payment_intent.succeeded" if n < 3 else "payment_intent.payment_failed",
+            samples.payment_intent(
+                intent_id=pi,
+                user_id=u,
+                product="course_bundle",
+                status="succeeded" if n < 3 else "requires_payment_method",
+            ),
+            created=now + 1,
+        )
+        for n, (pi, u) in enumerate(zip(intents, users, strict=True))
+    ]
+    results = await _deliver_batch(work, [*created, *ended])
+    assert results == [None] * 10
+    [batch] = _batch_spans(exporter)
+    assert batch.attributes["paybus.chains"] == 5
+    assert not [e for e in batch.events if e.name == "entangled"]
+    # side by side: a second PaymentIntent's handler starts before the first one's has ended
+    assert spans.index((intents[1], "start")) < spans.index((intents[0], "end"))
+    for pi in intents:  # and each PaymentIntent's own events in batch order, one after the other
+        assert [step for i, step in spans if i == pi] == ["start", "end", "start", "end"]
+    statuses = await (
+        await conn.execute(
+            "SELECT stripe_payment_intent_id, status FROM payments WHERE stripe_payment_intent_id = ANY(%s)",
+            (intents,),
+        )
+    ).fetchall()
+    assert dict(statuses) == {pi: ("succeeded" if n < 3 else "failed") for n, pi in enumerate(intents)}
+    for n, u in enumerate(users):
+        assert await outbox_types(conn, u) == (
+            ["payment.succeeded", "entitlement.granted"] if n < 3 else ["payment.failed"]
+        )
+        assert bool(await active_features(conn, u)) == (n < 3)
+
+
+async def test_chains_that_reach_one_payment_unnamed_are_applied_again_in_order(
+    parts: Any, conn: psycopg.AsyncConnection[Any]
+) -> None:
+    """A refund naming only its charge settles the charge's payment, which the other chain is changing."""
+    work, exporter, _ = parts
+    u, pi, ch = str(uuid.uuid4()), samples.new_id("pi"), samples.new_id("ch")
+    await deliver(
+        conn, samples.event("payment_intent.created", samples.payment_intent(intent_id=pi, user_id=u))
+    )
+    await deliver(conn, samples.event("charge.succeeded", samples.charge(charge_id=ch, intent_id=pi)))
+    succeeded = samples.event(
+        "payment_intent.succeeded",
+        samples.payment_intent(intent_id=pi, user_id=u, product="course_bundle", status="succeeded"),
+    )
+    refunded = samples.event("refund.created", samples.refund(charge_id=ch, amount=10000))
+    results = await _deliver_batch(work, [succeeded, refunded])
+    assert results == [None, None]
+    [batch] = _batch_spans(exporter)
+    assert batch.attributes["paybus.chains"] == 2
+    assert [e.attributes for e in batch.events if e.name == "entangled"] == [{"paybus.key_kind": "pi"}]
+    assert await _outcomes(conn, [succeeded["id"], refunded["id"]]) == {
+        succeeded["id"]: "applied",
+        refunded["id"]: "applied",
+    }
+    payment = await one(
+        conn, "SELECT status, amount_refunded FROM payments WHERE stripe_payment_intent_id = %s", pi
+    )
+    assert payment == {"status": "succeeded", "amount_refunded": 10000}
+    assert await outbox_types(conn, u) == ["payment.succeeded", "entitlement.granted", "payment.refunded"]
+
+
+async def test_a_customer_linked_in_one_chain_stops_a_chain_on_its_unnamed_payment(
+    parts: Any, conn: psycopg.AsyncConnection[Any]
+) -> None:
+    """Linking a customer's orphaned payments changes rows whose events need not name the customer."""
+    work, exporter, _ = parts
+    u, pi, cus = str(uuid.uuid4()), samples.new_id("pi"), samples.new_id("cus")
+    orphan = samples.payment_intent(intent_id=pi, customer=cus, product="course_bundle")
+    await deliver(conn, samples.event("payment_intent.created", orphan))
+    succeeded = samples.event(  # an event that does not name the customer: nothing links the two chains
+        "payment_intent.succeeded",
+        samples.payment_intent(intent_id=pi, product="course_bundle", status="succeeded"),
+    )
+    mapped = samples.event("customer.created", samples.customer(customer_id=cus, user_id=u))
+    assert await _deliver_batch(work, [succeeded, mapped]) == [None, None]
+    [batch] = _batch_spans(exporter)
+    assert batch.attributes["paybus.chains"] == 2
+    assert [e.attributes for e in batch.events if e.name == "entangled"] == [{"paybus.key_kind": "pi"}]
+    payment = await one(
+        conn, "SELECT status, user_id::text FROM payments WHERE stripe_payment_intent_id = %s", pi
+    )
+    assert payment == {"status": "succeeded", "user_id": u}
+    assert await active_features(conn, u)
+    # in batch order: the payment succeeded for nobody yet, then the customer's user got its access
+    assert await outbox_types(conn, u) == ["entitlement.granted"]
+
+
+async def test_a_user_mapped_elsewhere_meanwhile_fails_the_shared_batch_and_each_event_applies_alone(
+    parts: Any, conn: psycopg.AsyncConnection[Any], database: str
+) -> None:
+    """In a shared transaction the customer mapping takes no savepoint (it would undo the other chains):
+    a unique violation from a concurrent mapping fails the batch, and alone each event applies."""
+    work, exporter, _ = parts
+    u, cus, elsewhere = str(uuid.uuid4()), samples.new_id("cus"), samples.new_id("cus")
+    mapped = samples.event("customer.created", samples.customer(customer_id=cus, user_id=u))
+    other = samples.event(
+        "payment_intent.succeeded", samples.sample_event("payment_intent.succeeded")["data"]["object"]
+    )
+    async with await psycopg.AsyncConnection.connect(database) as rival:
+        await rival.execute(
+            "INSERT INTO stripe_customers (stripe_customer_id, user_id) VALUES (%s, %s)", (elsewhere, u)
+        )  # not committed: the batch's INSERT of the same user waits on it
+        batch = asyncio.create_task(_deliver_batch(work, [mapped, other]))
+        async with asyncio.timeout(10):
+            while not await (
+                await conn.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%%INSERT INTO stripe_customers%%'"
+                )
+            ).fetchone():
+                await asyncio.sleep(0.01)
+        await rival.commit()
+        assert await batch == [None, None]
+    [shared] = _batch_spans(exporter)
+    assert shared.attributes["paybus.chains"] == 2
+    assert await _outcomes(conn, [mapped["id"], other["id"]]) == {
+        mapped["id"]: "applied",
+        other["id"]: "applied",
+    }
+    owners = await (
+        await conn.execute(
+            "SELECT stripe_customer_id, user_id::text FROM stripe_customers"
+            " WHERE stripe_customer_id = ANY(%s)",
+            ([cus, elsewhere],),
+        )
+    ).fetchall()
+    assert dict(owners) == {cus: None, elsewhere: u}  # the user keeps the customer that won
+    payment = await one(
+        conn, "SELECT status FROM payments WHERE stripe_payment_intent_id = %s", other["data"]["object"]["id"]
+    )
+    assert payment == {"status": "succeeded"}  # the other chain's work was not undone with the mapping
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "alone"])
+async def test_a_customer_is_mapped_with_a_savepoint_only_when_no_other_chain_shares_the_transaction(
+    conn: psycopg.AsyncConnection[Any], tmp_path: Path, shared: bool
+) -> None:
+    """Rolling back to a savepoint would also undo whatever other chains sent since it was taken."""
+    u, cus = str(uuid.uuid4()), samples.new_id("cus")
+    trace = tmp_path / "libpq.trace"
+
+    async def chain() -> None:
+        if shared:
+            enter_chain(Claims(), 0)
+        with trace.open("w") as out:
+            conn.pgconn.trace(out.fileno())
+            try:
+                async with transaction(conn):
+                    await map_customer(conn, cus, u, CTX, datetime.now(UTC))
+            finally:
+                conn.pgconn.untrace()
+
+    await asyncio.create_task(chain())  # a task of its own, as each chain of a batch runs in
+    sent = trace.read_text()
+    assert "INSERT INTO stripe_customers" in sent
+    assert ("SAVEPOINT" in sent) is not shared
+    assert await one(
+        conn, "SELECT user_id::text FROM stripe_customers WHERE stripe_customer_id = %s", cus
+    ) == {"user_id": u}
