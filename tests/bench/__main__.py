@@ -92,6 +92,11 @@ class Bench:
         self._processes.append(process)
         return process
 
+    def log_size(self, name: str) -> int:
+        """How much the log of process ``name`` holds already (`start` appends to it)."""
+        path = self.workdir / f"{name}.log"
+        return path.stat().st_size if path.exists() else 0
+
     def stop(self, process: Process) -> None:
         process.stop()
         self._processes.remove(process)

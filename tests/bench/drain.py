@@ -65,6 +65,7 @@ def run_variant(
     postgres = postgres_pid()
     postgres_cpu = tree_cpu(postgres)
     busy0, started = machine_busy(), time.monotonic()
+    log_start = bench.log_size("processor")
     processor = bench.start("processor", ingress.command(extra, "processor"), env)
     processor.wait_ready(f"http://127.0.0.1:{env['METRICS_PORT']}/readyz")
     others = []  # PROCESSORS=N: N-1 more processes on the same queue and database (scale-out)
@@ -89,9 +90,10 @@ def run_variant(
         print(f"  profile: {spy.save('drain', 'paybus processor draining mixed events')}", flush=True)
     for process in [processor, *others]:
         bench.stop(process)
-    acked = re.findall(r"events acked: (\d+) messages in (\d+) ack frames", processor.log_path.read_text())
+    log = processor.log_path.read_bytes()[log_start:].decode(errors="replace")  # this run's lines only
+    acked = re.findall(r"events acked: (\d+) messages in (\d+) ack frames", log)
     acks = f"acks {int(acked[-1][0]) / max(int(acked[-1][1]), 1):.1f}/frame  " if acked else ""
-    batches = re.findall(r"event batches: (\d+), (\d+) applied again", processor.log_path.read_text())
+    batches = re.findall(r"event batches: (\d+), (\d+) applied again", log)
     if batches:
         acks += f"batches {int(batches[-1][0]):,} again {int(batches[-1][1]):,}  "
     label = " ".join(f"{k}={v}" for k, v in extra.items()) or "(defaults)"
