@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from processor.ledger import transaction
 from processor.pipeline import EventPipeline
 from processor.store.locks import Claims, enter_chain
 from shared import samples
+from shared.envelope import H_RECEIVED_AT
 from tests.integration.domain_helpers import CTX, active_features, deliver, one, outbox_types
 from tests.support import REPO
 
@@ -371,3 +372,50 @@ async def test_a_customer_is_mapped_with_a_savepoint_only_when_no_other_chain_sh
     assert await one(
         conn, "SELECT user_id::text FROM stripe_customers WHERE stripe_customer_id = %s", cus
     ) == {"user_id": u}
+
+
+async def test_a_batch_records_each_ledger_row_as_a_lone_event_would(
+    batcher: Any, conn: psycopg.AsyncConnection[Any]
+) -> None:
+    """The batch's one INSERT keeps the per-row rules: the ingress's receipt time (else now), a failed
+    row re-opened and applied, a row marked for `replay --force` applied again and counted."""
+    work, _ = batcher
+    fresh, stamped, failed, marked = (samples.sample_event("payment_intent.succeeded") for _ in range(4))
+    for envelope in (failed, marked):
+        await deliver(conn, envelope)
+    await conn.execute("UPDATE stripe_events SET outcome = 'failed' WHERE id = %s", (failed["id"],))
+    await conn.execute(
+        "DELETE FROM payments WHERE stripe_payment_intent_id = %s", (failed["data"]["object"]["id"],)
+    )
+    await conn.execute("UPDATE stripe_events SET reapply_requested_at = now() WHERE id = %s", (marked["id"],))
+    received = "2026-11-26T21:00:00.123456+00:00"
+    deliveries = [
+        Delivery(samples.encode(fresh)),
+        Delivery(samples.encode(stamped), headers={H_RECEIVED_AT: received}),
+        Delivery(samples.encode(failed)),
+        Delivery(samples.encode(marked)),
+    ]
+    before = datetime.now(UTC)
+    assert await asyncio.gather(*(work(d) for d in deliveries)) == [None] * 4  # type: ignore[arg-type]
+    ids = [e["id"] for e in (fresh, stamped, failed, marked)]
+    rows = {
+        r["id"]: r
+        for r in await (
+            await conn.cursor(row_factory=psycopg.rows.dict_row).execute(
+                "SELECT id, outcome, received_at, reapply_count, reapply_requested_at,"
+                " payload->>'id' AS payload_id FROM stripe_events WHERE id = ANY(%s)",
+                (ids,),
+            )
+        ).fetchall()
+    }
+    assert {i: r["outcome"] for i, r in rows.items()} == dict.fromkeys(ids, "applied")
+    assert {i: r["payload_id"] for i, r in rows.items()} == {i: i for i in ids}  # each payload in its row
+    assert rows[stamped["id"]]["received_at"] == datetime.fromisoformat(received)
+    assert rows[fresh["id"]]["received_at"] >= before - timedelta(seconds=5)
+    assert rows[marked["id"]]["reapply_count"] == 1 and rows[marked["id"]]["reapply_requested_at"] is None
+    payment = await one(
+        conn,
+        "SELECT status FROM payments WHERE stripe_payment_intent_id = %s",
+        failed["data"]["object"]["id"],
+    )
+    assert payment == {"status": "succeeded"}  # the failed event's effect was applied this time
