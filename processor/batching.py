@@ -149,13 +149,12 @@ class EventBatcher:
     ) -> list[Result]:
         """Apply the batch in one transaction, its chains side by side (each chain's events in order)."""
         pipeline = self._pipeline
-        outcomes: list[Result] = []
         finished: list[tuple[str, str, str | None]] = []
+        by_index: dict[int, Result] = {}
         async with pipeline.pool.connection() as conn, transaction(conn):
             recorded = await record_many(
                 conn, [(message.body, event, received_at_of(message)) for message, event in items]
             )
-            by_index: dict[int, Result] = {}
 
             async def chain(indexes: list[int], claims: Claims | None = None, number: int = 0) -> None:
                 if claims is not None:
@@ -179,8 +178,7 @@ class EventBatcher:
                 claims = Claims()
                 await _together([chain(indexes, claims, n) for n, indexes in enumerate(chains)])
             await finish_many(conn, finished)
-            outcomes = [by_index[i] for i in range(len(items))]
-        return outcomes
+        return [by_index[i] for i in range(len(items))]
 
     async def close(self) -> None:
         if self._runner is not None:
