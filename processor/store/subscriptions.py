@@ -23,7 +23,7 @@ from processor import entitlements
 from processor.context import Context
 from processor.ordering import key_of, stored_key
 from processor.outbox import emit, new_id
-from processor.store.locks import lock_objects
+from processor.store.locks import claim, lock_objects
 from shared.domain_events import SubscriptionUpdated
 
 STATUS_RANK: Final = {
@@ -158,12 +158,16 @@ async def apply(
             ),
         )
     if after["user_id"] is not None and (row is None or row["user_id"] is None):
-        # Invoices that arrived before their subscription learn its user now.
-        await conn.execute(
-            "UPDATE invoices SET user_id = %s, updated_at = now()"
-            " WHERE subscription_id = %s AND user_id IS NULL",
-            (after["user_id"], upd.id),
-        )
+        # Invoices that arrived before their subscription learn its user now, without their own key
+        # locks: claim them, so that in a shared batch no other chain is working on them (`Claims`).
+        linked = await (
+            await conn.execute(
+                "UPDATE invoices SET user_id = %s, updated_at = now()"
+                " WHERE subscription_id = %s AND user_id IS NULL RETURNING id",
+                (after["user_id"], upd.id),
+            )
+        ).fetchall()
+        claim(f"invoices:{invoice_id}" for (invoice_id,) in linked)
     await _sync(conn, after, ctx, at)
     return True, _user(after)
 

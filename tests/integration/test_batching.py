@@ -29,7 +29,7 @@ from processor.pipeline import EventPipeline
 from processor.store.locks import Claims, enter_chain
 from shared import samples
 from shared.envelope import H_RECEIVED_AT
-from tests.integration.domain_helpers import CTX, active_features, deliver, one, outbox_types
+from tests.integration.domain_helpers import CTX, PRO_PRICE, active_features, deliver, one, outbox_types
 from tests.support import REPO
 
 
@@ -419,3 +419,29 @@ async def test_a_batch_records_each_ledger_row_as_a_lone_event_would(
         failed["data"]["object"]["id"],
     )
     assert payment == {"status": "succeeded"}  # the failed event's effect was applied this time
+
+
+async def test_a_subscription_that_links_an_earlier_invoice_stops_the_chain_of_that_invoice(
+    parts: Any, conn: psycopg.AsyncConnection[Any]
+) -> None:
+    """A new subscription gives its user to invoices that came first, rows its event does not name."""
+    work, exporter, _ = parts
+    u, sub, inv = str(uuid.uuid4()), samples.new_id("sub"), samples.new_id("in")
+    await deliver(
+        conn, samples.event("invoice.created", samples.invoice(invoice_id=inv, subscription_id=sub))
+    )
+    updated = samples.event(  # names no subscription: nothing links the two chains
+        "invoice.paid", samples.invoice(invoice_id=inv, status="paid")
+    )
+    created = samples.event(
+        "customer.subscription.created",
+        samples.subscription(subscription_id=sub, user_id=u, price_id=PRO_PRICE),
+    )
+    assert await _deliver_batch(work, [updated, created]) == [None, None]
+    [batch] = _batch_spans(exporter)
+    assert batch.attributes["paybus.chains"] == 2
+    assert [e.attributes for e in batch.events if e.name == "entangled"] == [{"paybus.key_kind": "invoices"}]
+    invoice = await one(
+        conn, "SELECT status, subscription_id, user_id::text FROM invoices WHERE id = %s", inv
+    )
+    assert invoice == {"status": "paid", "subscription_id": sub, "user_id": u}
