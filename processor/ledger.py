@@ -17,9 +17,12 @@ from processor.events import Applied, Event, Handler, decode_event
 
 Result = Literal["applied", "ignored", "stale", "duplicate"]
 
-_INSERT: Final = """
-INSERT INTO stripe_events (id, type, created, livemode, account, api_version, object_id, payload, received_at)
-VALUES (%s, %s, to_timestamp(%s), %s, %s, %s, %s, %s::jsonb, COALESCE(%s::timestamptz, now()))
+# Inserting an event already in the ledger returns its id only if the event is to be applied again.
+# A dead-lettered event is recorded as `failed` (`_RECORD_FAILED`) so the audit log shows it; a later
+# requeue or replay may still apply it, which is why a `failed` row is re-opened instead of skipped.
+# So is a row marked by `paybus replay --force` (the mark is cleared in this transaction, so only one
+# delivery re-runs the handler); a re-run never downgrades an `applied` outcome.
+_REOPEN: Final = """
 ON CONFLICT (id) DO UPDATE
    SET outcome = CASE WHEN stripe_events.outcome = 'failed' THEN NULL ELSE stripe_events.outcome END,
        processed_at = CASE WHEN stripe_events.outcome = 'failed' THEN NULL
@@ -31,10 +34,12 @@ ON CONFLICT (id) DO UPDATE
  WHERE stripe_events.outcome = 'failed' OR stripe_events.reapply_requested_at IS NOT NULL
 RETURNING id
 """
-# A dead-lettered event is recorded as `failed` so the audit log shows it; a later requeue or replay
-# may still apply it, which is why the insert above re-opens a `failed` row instead of skipping it.
-# It also re-opens a row marked by `paybus replay --force` (the mark is cleared in this transaction,
-# so only one delivery re-runs the handler); a re-run never downgrades an `applied` outcome.
+_INSERT: Final = (
+    """
+INSERT INTO stripe_events (id, type, created, livemode, account, api_version, object_id, payload, received_at)
+VALUES (%s, %s, to_timestamp(%s), %s, %s, %s, %s, %s::jsonb, COALESCE(%s::timestamptz, now()))"""
+    + _REOPEN
+)
 _RECORD_FAILED: Final = """
 INSERT INTO stripe_events (id, type, created, livemode, account, api_version, object_id, payload, outcome,
                            processed_at)
@@ -130,24 +135,16 @@ def _ledger_row(body: bytes, event: Event) -> tuple[Any, ...]:
     )
 
 
-_INSERT_MANY: Final = """
+_INSERT_MANY: Final = (
+    """
 INSERT INTO stripe_events (id, type, created, livemode, account, api_version, object_id, payload, received_at)
 SELECT v.id, v.type, to_timestamp(v.created), v.livemode, v.account, v.api_version, v.object_id,
        v.payload::jsonb, COALESCE(v.received_at::timestamptz, now())
   FROM unnest(%b::text[], %b::text[], %b::int8[], %b::bool[], %b::text[], %b::text[], %b::text[], %b::text[],
               %b::text[])
-       AS v(id, type, created, livemode, account, api_version, object_id, payload, received_at)
-ON CONFLICT (id) DO UPDATE
-   SET outcome = CASE WHEN stripe_events.outcome = 'failed' THEN NULL ELSE stripe_events.outcome END,
-       processed_at = CASE WHEN stripe_events.outcome = 'failed' THEN NULL
-                           ELSE stripe_events.processed_at END,
-       reapply_count = stripe_events.reapply_count + (stripe_events.reapply_requested_at IS NOT NULL)::int,
-       reapplied_at = CASE WHEN stripe_events.reapply_requested_at IS NOT NULL THEN now()
-                           ELSE stripe_events.reapplied_at END,
-       reapply_requested_at = NULL
- WHERE stripe_events.outcome = 'failed' OR stripe_events.reapply_requested_at IS NOT NULL
-RETURNING id
-"""
+       AS v(id, type, created, livemode, account, api_version, object_id, payload, received_at)"""
+    + _REOPEN
+)
 
 
 async def record_many(conn: AsyncConnection[Any], items: list[tuple[bytes, Event, str | None]]) -> list[bool]:
