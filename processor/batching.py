@@ -28,6 +28,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from opentelemetry import context, trace
 from opentelemetry.trace import Link, SpanKind
 
+from processor import outbox
 from processor.chains import split
 from processor.consumer import DB_DOWN_ERRORS
 from processor.events import Event
@@ -147,7 +148,10 @@ class EventBatcher:
     async def _transact(
         self, items: list[tuple[AbstractIncomingMessage, Event]], chains: list[list[int]]
     ) -> list[Result]:
-        """Apply the batch in one transaction, its chains side by side (each chain's events in order)."""
+        """Apply the batch in one transaction, its chains side by side (each chain's events in order).
+
+        The batch's ledger outcomes and outbox rows are written once, after every chain has run.
+        """
         pipeline = self._pipeline
         finished: list[tuple[str, str, str | None]] = []
         by_index: dict[int, Result] = {}
@@ -172,11 +176,13 @@ class EventBatcher:
                         recorded=recorded[i],
                     )
 
-            if len(chains) == 1:
-                await chain(chains[0])
-            else:
-                claims = Claims()
-                await _together([chain(indexes, claims, n) for n, indexes in enumerate(chains)])
+            with outbox.held() as emitted:  # the chains' tasks start inside: they share this list
+                if len(chains) == 1:
+                    await chain(chains[0])
+                else:
+                    claims = Claims()
+                    await _together([chain(indexes, claims, n) for n, indexes in enumerate(chains)])
+            await outbox.write_held(conn, emitted)
             await finish_many(conn, finished)
         return [by_index[i] for i in range(len(items))]
 

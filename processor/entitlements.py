@@ -17,6 +17,7 @@ from psycopg import AsyncConnection
 
 from processor.catalog import Catalog
 from processor.outbox import emit, new_id
+from processor.statements import send
 from shared.domain_events import EntitlementGranted, EntitlementRevoked
 
 # Subscription statuses that grant access outright; `past_due` grants until the period end + grace.
@@ -132,12 +133,13 @@ async def sync(
             current[feature] = (active, expires_at)
             if active and grant.active and (product, reason) != (grant.product, grant.reason):
                 # Same access, other label (a plan change keeping this feature, trial -> active): no event.
-                await conn.execute(
+                await send(
+                    conn,
                     "UPDATE entitlements SET product = %s, reason = %s, updated_at = now() WHERE id = %s",
                     (grant.product, grant.reason, row_id),
                 )
         elif active:
-            await conn.execute(_REVOKE, ("product-changed", row_id))
+            await send(conn, _REVOKE, ("product-changed", row_id))
             await _revoked(
                 conn, row_user, feature, source_type, source_id, grant.product, "product-changed", at
             )
@@ -146,7 +148,8 @@ async def sync(
     for feature in sorted(wanted):
         active, expires_at = current.get(feature, (False, None))
         if grant.active and (not active or expires_at != grant.expires_at):
-            await conn.execute(
+            await send(
+                conn,
                 _GRANT,
                 {
                     "user": user_id,
@@ -172,7 +175,8 @@ async def sync(
                 ),
             )
         elif not grant.active and active:
-            await conn.execute(
+            await send(
+                conn,
                 "UPDATE entitlements SET active = false, reason = %s, revoked_at = now(), updated_at = now()"
                 " WHERE user_id = %s AND feature = %s AND source_id = %s",
                 (grant.reason, user_id, feature, source_id),

@@ -14,6 +14,7 @@ from psycopg import AsyncConnection
 from processor.context import Context
 from processor.errors import Reject
 from processor.events import Applied, Event, Handler, decode_event
+from processor.statements import send
 
 Result = Literal["applied", "ignored", "stale", "duplicate"]
 
@@ -118,7 +119,7 @@ async def apply_event(
     if finished is not None:
         finished.append((event.id, applied.outcome, applied.user_id))
     else:
-        await conn.execute(_FINISH, (applied.outcome, applied.user_id, event.id))
+        await send(conn, _FINISH, (applied.outcome, applied.user_id, event.id))
     return applied.outcome
 
 
@@ -182,7 +183,7 @@ async def finish_many(conn: AsyncConnection[Any], finished: list[tuple[str, str,
     """Record the outcomes of a batch in one statement (the same rule as one `_FINISH` each)."""
     if finished:
         ids, outcomes, users = zip(*finished, strict=True)
-        await conn.execute(_FINISH_MANY, (list(ids), list(outcomes), list(users)))
+        await send(conn, _FINISH_MANY, (list(ids), list(outcomes), list(users)))
 
 
 async def record_failed(conn: AsyncConnection[Any], body: bytes, event: Event) -> None:

@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Iterator
+from contextvars import ContextVar
 from datetime import datetime
 from typing import Any, Final
 
@@ -28,6 +30,7 @@ from pamqp.commands import Basic
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from processor.statements import send
 from shared import domain_events
 from shared.amqp import DOMAIN_EXCHANGE
 from shared.telemetry import ProcessorMetrics
@@ -38,6 +41,12 @@ CHANNEL: Final = "paybus_outbox"
 
 _INSERT: Final = """
 INSERT INTO outbox (id, event_type, user_id, payload) VALUES (%s, %s, %s, %s::jsonb)
+"""
+# A batch's rows in one statement, in the order they were emitted (so `seq` keeps that order).
+_INSERT_MANY: Final = """
+INSERT INTO outbox (id, event_type, user_id, payload)
+SELECT v.id::uuid, v.event_type, v.user_id::uuid, v.payload::jsonb
+  FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[]) AS v(id, event_type, user_id, payload)
 """
 _CLAIM: Final = """
 SELECT seq, id, event_type, payload::text FROM outbox
@@ -51,11 +60,42 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+_Row = tuple[str, str, str | None, str]
+
+# Set while a batch's chains run (`held`): emit() keeps rows there instead of writing each one.
+_HELD: ContextVar[list[_Row] | None] = ContextVar("paybus_outbox_held", default=None)
+
+
 async def emit(conn: AsyncConnection[Any], event: domain_events.DomainEvent) -> None:
-    """Store ``event`` in the outbox; it is published only if the surrounding transaction commits."""
-    tag = event.__struct_config__.tag
-    await conn.execute(_INSERT, (event.id, tag, event.user_id, domain_events.encode(event).decode()))
+    """Store ``event`` in the outbox; it is published only if the surrounding transaction commits.
+
+    Inside `held` the row is kept, and `write_held` stores it with the rest of its batch. Nothing in a
+    transaction reads the outbox, so holding a row back changes no handler's view.
+    """
+    row = (event.id, str(event.__struct_config__.tag), event.user_id, domain_events.encode(event).decode())
+    held = _HELD.get()
+    if held is not None:
+        held.append(row)
+    else:
+        await send(conn, _INSERT, row)
     # The insert trigger (migration 0005) sends NOTIFY paybus_outbox, delivered at commit.
+
+
+@contextlib.contextmanager
+def held() -> Iterator[list[_Row]]:
+    """Keep the rows emitted in this context (and the tasks started in it) for one `write_held`."""
+    rows: list[_Row] = []
+    token = _HELD.set(rows)
+    try:
+        yield rows
+    finally:
+        _HELD.reset(token)
+
+
+async def write_held(conn: AsyncConnection[Any], rows: list[_Row]) -> None:
+    """Store the rows `held` kept, in one INSERT over binary arrays (one statement for a whole batch)."""
+    if rows:
+        await send(conn, _INSERT_MANY, [list(column) for column in zip(*rows, strict=True)])
 
 
 class OutboxRelay:

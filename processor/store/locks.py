@@ -22,6 +22,8 @@ from typing import Any, Final
 
 from psycopg import AsyncConnection
 
+from processor.statements import send
+
 _EXCLUSIVE: Final = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
 # A function scan over unnest() yields the array in order, so the locks are taken in that order.
 _MANY: Final = "SELECT pg_advisory_xact_lock(hashtextextended(key, 0)) FROM unnest(%s::text[]) AS key"
@@ -80,7 +82,7 @@ async def lock_customer(conn: AsyncConnection[Any], customer: str | None, *, exc
     """
     if customer:
         claim([f"cus:{customer}"], exclusive=exclusive)
-        await conn.execute(_EXCLUSIVE if exclusive else _SHARED, (f"cus:{customer}",))
+        await send(conn, _EXCLUSIVE if exclusive else _SHARED, (f"cus:{customer}",))
 
 
 async def lock_objects(conn: AsyncConnection[Any], *keys: str | None) -> None:
@@ -88,4 +90,4 @@ async def lock_objects(conn: AsyncConnection[Any], *keys: str | None) -> None:
     ordered = sorted({k for k in keys if k})
     claim(ordered)
     if ordered:  # one round trip; the locks are taken one after the other, in array order
-        await conn.execute(_MANY, (ordered,))
+        await send(conn, _MANY, (ordered,))

@@ -22,6 +22,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from processor.ordering import key_of, stored_key
+from processor.statements import send
 from processor.store.locks import lock_objects
 
 STATUS_RANK: Final = {
@@ -189,7 +190,7 @@ async def _update(
     query = f"UPDATE payments SET {columns}, updated_at = now() WHERE id = %(id)s"
     params = {**changes, "id": payment_id}
     if not returning:
-        await conn.execute(query, params)
+        await send(conn, query, params)
         return None
     cur = conn.cursor(row_factory=dict_row)
     return await (await cur.execute(query + " RETURNING *", params)).fetchone()

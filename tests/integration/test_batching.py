@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from psycopg_pool import AsyncConnectionPool
 
+from processor import outbox
 from processor.batching import EventBatcher
 from processor.catalog import load_catalog
 from processor.context import Context
@@ -28,6 +29,7 @@ from processor.ledger import transaction
 from processor.pipeline import EventPipeline
 from processor.store.locks import Claims, enter_chain
 from shared import samples
+from shared.domain_events import PaymentFailed
 from shared.envelope import H_RECEIVED_AT
 from tests.integration.domain_helpers import CTX, PRO_PRICE, active_features, deliver, one, outbox_types
 from tests.support import REPO
@@ -105,6 +107,9 @@ async def test_a_bad_message_falls_back_alone_and_the_rest_are_applied(
         )
     ).fetchone()
     assert payments == (5,)  # nothing half-written for the bad one
+    for envelope in good:  # the failed batch's held outbox rows went with it: each written once, alone
+        user = envelope["data"]["object"]["metadata"]["user_id"]
+        assert await outbox_types(conn, user) == ["payment.succeeded"]
 
 
 async def test_a_duplicate_inside_one_batch_is_applied_once(
@@ -443,3 +448,56 @@ async def test_a_subscription_that_links_an_earlier_invoice_stops_the_chain_of_t
         conn, "SELECT status, subscription_id, user_id::text FROM invoices WHERE id = %s", inv
     )
     assert invoice == {"status": "paid", "subscription_id": sub, "user_id": u}
+
+
+async def test_a_batch_writes_its_outbox_rows_in_one_statement(
+    database: str, conn: psycopg.AsyncConnection[Any], tmp_path: Path
+) -> None:
+    """The chains' domain events wait in the batch and go in one INSERT after the last chain."""
+    trace = (tmp_path / "libpq.trace").open("w")
+
+    async def traced(c: psycopg.AsyncConnection[Any]) -> None:
+        c.pgconn.trace(trace.fileno())
+
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        database, min_size=1, max_size=1, open=False, configure=traced
+    )
+    await pool.open()
+    pipeline = EventPipeline(pool, handlers(), CTX)
+    work = EventBatcher(pipeline, max_batch=10, linger=0.05)
+    users = [str(uuid.uuid4()) for _ in range(5)]
+    try:
+        results = await _deliver_batch(
+            work, [samples.sample_event("payment_intent.succeeded", user_id=u) for u in users]
+        )
+    finally:
+        await work.close()
+        await pool.close()
+        trace.close()
+    assert results == [None] * 5
+    # Five rows each emitted alone would send the INSERT's text five times (psycopg prepares at the fifth).
+    assert (tmp_path / "libpq.trace").read_text().count("INSERT INTO outbox") == 1
+    for u in users:
+        assert await outbox_types(conn, u) == ["payment.succeeded"]
+
+
+async def test_outbox_rows_are_held_only_inside_a_batch(conn: psycopg.AsyncConnection[Any]) -> None:
+    """A lone event (and anything after a batch, in the same task) writes its outbox row at once."""
+    u = str(uuid.uuid4())
+    event = PaymentFailed(
+        id=str(uuid.uuid4()),
+        occurred_at=datetime.now(UTC),
+        user_id=u,
+        payment_id=str(uuid.uuid4()),
+        stripe_payment_intent_id=samples.new_id("pi"),
+        stripe_checkout_session_id=None,
+        amount=100,
+        currency="inr",
+        product=None,
+        error="card_declined",
+    )
+    with outbox.held() as kept:
+        await outbox.emit(conn, event)
+    assert len(kept) == 1 and await outbox_types(conn, u) == []  # held: not written
+    await outbox.emit(conn, event)
+    assert await outbox_types(conn, u) == ["payment.failed"]
