@@ -251,6 +251,21 @@ class Bench:
             )
         self.stop(processor)
         self.drain_per_core(url, amqp, env)
+        self.ledger_only()
+
+    def ledger_only(self) -> None:
+        """The ceiling of the drain: the same kind of backlog, a processor with no domain handlers."""
+        amqp, url = self.vhost(), self.database()
+        env = env_for(url, amqp)
+        backlog = events.mixed(min(self.args.events, 20_000))
+        asyncio.run(ceilings.publish_events(amqp, backlog))
+        processor = self.start("processor-ledger-only", ceilings.LEDGER_ONLY, env)
+        processor.wait_ready(f"http://127.0.0.1:{env['METRICS_PORT']}/readyz")
+        settled = self.wait_applied(url, amqp, len(backlog), timeout=300)
+        self.results.ledger_only = self.drain_stats(url, settled, 0.0)
+        self.results.ledger_only["cpu_ms"] = 1000 * cpu_seconds(processor.pid) / max(settled, 1)
+        self.stop(processor)
+        print(f"  processor, ledger only: {self.results.ledger_only['rate']:,.0f}/s", flush=True)
 
     def drain_per_core(self, url: str, amqp: str, env: dict[str, str]) -> None:
         """The drain again with one processor per core, sharing the queue as replicas do.

@@ -8,7 +8,10 @@ processor's CPU milliseconds per event. CPU per event is the steadier figure on 
         --variant PROCESSOR_BATCH=1 --variant PROCESSOR_BATCH=50
 
 ``SRC=DIR`` in a variant runs the processor code found in DIR (another checkout), for before/after;
-``PROCESSORS=N`` runs N processor processes on the same queue and database.
+``PROCESSORS=N`` runs N processor processes on the same queue and database. ``HANDLERS=none`` runs this
+checkout's processor with an empty handler table, a ceiling: every event is consumed, recorded in the
+ledger (as `ignored`) and acked, and no domain effect is applied, so the gap to a normal run is what the
+domain handlers cost.
 """
 
 from __future__ import annotations
@@ -54,24 +57,34 @@ def tree_cpu(pid: int | None) -> dict[int, float]:
     return {p: own_cpu(p) for p in [pid, *children(pid)]}
 
 
+def processor_command(extra: dict[str, str]) -> list[str]:
+    if extra.get("HANDLERS") == "none":
+        if "SRC" in extra:
+            raise SystemExit("HANDLERS=none runs this checkout's processor; it does not combine with SRC")
+        return ceilings.LEDGER_ONLY
+    if "HANDLERS" in extra:
+        raise SystemExit("HANDLERS takes only 'none'")
+    return ingress.command(extra, "processor")
+
+
 def run_variant(
     bench: Bench, backlog: list[tuple[str, str, bytes]], extra: dict[str, str], profile: bool
 ) -> str:
     amqp, url = bench.vhost(), bench.database()
     asyncio.run(ceilings.publish_events(amqp, backlog))
-    env = env_for(url, amqp) | {k: v for k, v in extra.items() if k not in ("SRC", "PROCESSORS")}
+    env = env_for(url, amqp) | {k: v for k, v in extra.items() if k not in ("SRC", "PROCESSORS", "HANDLERS")}
     broker = broker_pid()
     broker_cpu = cpu_seconds(broker) if broker else 0.0
     postgres = postgres_pid()
     postgres_cpu = tree_cpu(postgres)
     busy0, started = machine_busy(), time.monotonic()
     log_start = bench.log_size("processor")
-    processor = bench.start("processor", ingress.command(extra, "processor"), env)
+    processor = bench.start("processor", processor_command(extra), env)
     processor.wait_ready(f"http://127.0.0.1:{env['METRICS_PORT']}/readyz")
     others = []  # PROCESSORS=N: N-1 more processes on the same queue and database (scale-out)
     for n in range(1, int(extra.get("PROCESSORS", "1"))):
         other_env = env | {"METRICS_PORT": str(free_port())}
-        others.append(bench.start(f"processor-{n}", ingress.command(extra, "processor"), other_env))
+        others.append(bench.start(f"processor-{n}", processor_command(extra), other_env))
     spy = profiling.Profile(processor.pid, 15, bench.workdir / "drain.raw") if profile else None
     settled = bench.wait_applied(url, amqp, len(backlog), timeout=600)
     wall = time.monotonic() - started

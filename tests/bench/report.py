@@ -33,6 +33,7 @@ class Results:
     insert_rate: float = 0.0
     drain: dict[str, Any] = field(default_factory=dict)
     drain_per_core: dict[str, Any] = field(default_factory=dict)
+    ledger_only: dict[str, Any] = field(default_factory=dict)
     e2e: dict[str, Any] = field(default_factory=dict)
     e2e_load: dict[str, Any] = field(default_factory=dict)
     rss: dict[str, float] = field(default_factory=dict)
@@ -150,6 +151,13 @@ def render(r: Results) -> str:
         f"  batched inserts (500/tx), rows/s{'':<14}{r.insert_rate:>22,.0f}"
         f"{'drain/inserts':>22}{_ratio(drain_rate, r.insert_rate):>13}"
     )
+    if r.ledger_only:
+        ledger_rate = float(r.ledger_only.get("rate", 0.0))
+        add(
+            f"  processor, no domain handlers, events/s{'':<7}{ledger_rate:>22,.0f}"
+            f"{'drain/ledger only':>22}{_ratio(drain_rate, ledger_rate):>13}"
+        )
+        add(f"{'    its processor CPU ms per event':<48}{r.ledger_only.get('cpu_ms', 0):>22.3f}")
     add("")
     add("effects in the drain+e2e database: " + ", ".join(f"{k} {v:,}" for k, v in r.effects.items()))
     add("")
