@@ -21,7 +21,7 @@ from processor.batching import EventBatcher
 from processor.catalog import load_catalog
 from processor.consumer import Consumer, Forwarder
 from processor.context import Context
-from processor.events import handlers
+from processor.events import Handler, handlers
 from processor.outbox import OutboxRelay
 from processor.pipeline import EventPipeline
 from processor.requests.runner import RequestService, open_request_service
@@ -84,7 +84,9 @@ async def plan_each_execution(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.execute("SET plan_cache_mode = force_custom_plan")
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, event_handlers: dict[str, Handler] | None = None) -> None:
+    """The processor until SIGTERM. ``event_handlers`` replaces the routing table (the bench's ceiling
+    runs with none: every event is then recorded as `ignored`)."""
     catalog = load_catalog(settings.catalog_path)
     ctx = Context(catalog=catalog, grace=timedelta(days=settings.grace_days))
     provider = setup_tracing("processor")
@@ -146,7 +148,8 @@ async def serve(settings: Settings) -> None:
             ) as conn:
                 await conn.execute("SELECT 1")
 
-        pipeline = EventPipeline(pool, handlers(), ctx, metrics, tracer)
+        table = handlers() if event_handlers is None else event_handlers
+        pipeline = EventPipeline(pool, table, ctx, metrics, tracer)
         batcher = EventBatcher(pipeline, max_batch=settings.batch_size)
         events = Consumer(
             channel, EVENTS_QUEUE, batcher, forwarder, db_check, settings.prefetch, coalesce_acks=True
@@ -195,6 +198,6 @@ async def serve(settings: Settings) -> None:
         shutdown_tracing(provider)
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, event_handlers: dict[str, Handler] | None = None) -> None:
     with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
-        runner.run(serve(settings))
+        runner.run(serve(settings, event_handlers))

@@ -259,7 +259,7 @@ class Bench:
         env = env_for(url, amqp)
         backlog = events.mixed(min(self.args.events, 20_000))
         asyncio.run(ceilings.publish_events(amqp, backlog))
-        processor = self.start("processor-ledger-only", ceilings.LEDGER_ONLY, env)
+        processor = self.start("processor-ledger-only", ceilings.LEDGER_ONLY, env, cwd=REPO)
         processor.wait_ready(f"http://127.0.0.1:{env['METRICS_PORT']}/readyz")
         settled = self.wait_applied(url, amqp, len(backlog), timeout=300)
         self.results.ledger_only = self.drain_stats(url, settled, 0.0)

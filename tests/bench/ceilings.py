@@ -80,13 +80,5 @@ def batched_inserts(database_url: str, events: Sequence[tuple[str, str, bytes]],
             conn.execute("DROP TABLE bench_ceiling_events")
 
 
-# The processor with an empty handler table: it consumes, records each event in the ledger (as
-# `ignored`), batches and acks as usual, and applies no domain effect. Its drain rate is a ceiling; the
-# gap to the real drain is what the domain handlers cost.
-LEDGER_ONLY: list[str] = [
-    sys.executable,
-    "-c",
-    "import sys; import processor.service as service; service.handlers = dict;"
-    " from shared.cli import main; sys.exit(main())",
-    "processor",
-]
+# The processor with an empty routing table (`tests/bench/ledger_only.py`): the drain's ceiling.
+LEDGER_ONLY: list[str] = [sys.executable, "-m", "tests.bench.ledger_only"]

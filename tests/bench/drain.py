@@ -30,7 +30,7 @@ from tests.bench import ceilings, events, ingress, profiling
 from tests.bench.__main__ import Bench, parse_args
 from tests.bench.harness import children, cpu_seconds, loadavg, machine_busy, own_cpu
 from tests.conftest import env_for
-from tests.support import free_port
+from tests.support import REPO, free_port
 
 
 def broker_pid() -> int | None:
@@ -79,12 +79,12 @@ def run_variant(
     postgres_cpu = tree_cpu(postgres)
     busy0, started = machine_busy(), time.monotonic()
     log_start = bench.log_size("processor")
-    processor = bench.start("processor", processor_command(extra), env)
+    processor = bench.start("processor", processor_command(extra), env, cwd=REPO)
     processor.wait_ready(f"http://127.0.0.1:{env['METRICS_PORT']}/readyz")
     others = []  # PROCESSORS=N: N-1 more processes on the same queue and database (scale-out)
     for n in range(1, int(extra.get("PROCESSORS", "1"))):
         other_env = env | {"METRICS_PORT": str(free_port())}
-        others.append(bench.start(f"processor-{n}", processor_command(extra), other_env))
+        others.append(bench.start(f"processor-{n}", processor_command(extra), other_env, cwd=REPO))
     spy = profiling.Profile(processor.pid, 15, bench.workdir / "drain.raw") if profile else None
     settled = bench.wait_applied(url, amqp, len(backlog), timeout=600)
     wall = time.monotonic() - started
