@@ -80,5 +80,5 @@ def batched_inserts(database_url: str, events: Sequence[tuple[str, str, bytes]],
             conn.execute("DROP TABLE bench_ceiling_events")
 
 
-# The processor with an empty routing table (`tests/bench/ledger_only.py`): the drain's ceiling.
-LEDGER_ONLY: list[str] = [sys.executable, "-m", "tests.bench.ledger_only"]
+# The processor with an empty routing table (`tests/bench/handlers_subset.py`): the drain's ceiling.
+LEDGER_ONLY: list[str] = [sys.executable, "-m", "tests.bench.handlers_subset", "none"]

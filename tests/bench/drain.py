@@ -9,9 +9,10 @@ processor's CPU milliseconds per event. CPU per event is the steadier figure on 
 
 ``SRC=DIR`` in a variant runs the processor code found in DIR (another checkout), for before/after;
 ``PROCESSORS=N`` runs N processor processes on the same queue and database. ``HANDLERS=none`` runs this
-checkout's processor with an empty handler table, a ceiling: every event is consumed, recorded in the
+checkout's processor with an empty routing table, a ceiling: every event is consumed, recorded in the
 ledger (as `ignored`) and acked, and no domain effect is applied, so the gap to a normal run is what the
-domain handlers cost.
+domain handlers cost. ``HANDLERS=without-payment-intents`` and ``HANDLERS=payment-intents-only`` split
+that cost (`tests/bench/handlers_subset.py`).
 """
 
 from __future__ import annotations
@@ -58,12 +59,11 @@ def tree_cpu(pid: int | None) -> dict[int, float]:
 
 
 def processor_command(extra: dict[str, str]) -> list[str]:
-    if extra.get("HANDLERS") == "none":
+    subset = extra.get("HANDLERS")
+    if subset is not None:
         if "SRC" in extra:
-            raise SystemExit("HANDLERS=none runs this checkout's processor; it does not combine with SRC")
-        return ceilings.LEDGER_ONLY
-    if "HANDLERS" in extra:
-        raise SystemExit("HANDLERS takes only 'none'")
+            raise SystemExit("HANDLERS runs this checkout's processor; it does not combine with SRC")
+        return [sys.executable, "-m", "tests.bench.handlers_subset", subset]
     return ingress.command(extra, "processor")
 
 
