@@ -80,5 +80,7 @@ def batched_inserts(database_url: str, events: Sequence[tuple[str, str, bytes]],
             conn.execute("DROP TABLE bench_ceiling_events")
 
 
-# The processor with an empty routing table (`tests/bench/handlers_subset.py`): the drain's ceiling.
-LEDGER_ONLY: list[str] = [sys.executable, "-m", "tests.bench.handlers_subset", "none"]
+def processor_with_handlers(subset: str) -> list[str]:
+    """The processor with part of its routing table (`tests/bench/handlers_subset.py`); with "none", the
+    drain's ceiling."""
+    return [sys.executable, "-m", "tests.bench.handlers_subset", subset]

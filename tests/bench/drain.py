@@ -63,7 +63,7 @@ def processor_command(extra: dict[str, str]) -> list[str]:
     if subset is not None:
         if "SRC" in extra:
             raise SystemExit("HANDLERS runs this checkout's processor; it does not combine with SRC")
-        return [sys.executable, "-m", "tests.bench.handlers_subset", subset]
+        return ceilings.processor_with_handlers(subset)
     return ingress.command(extra, "processor")
 
 
