@@ -11,6 +11,8 @@ Inside the transaction the batch is split into chains (`processor.chains`): even
 object or user are applied one after the other, in delivery order, and the chains side by side, so
 their statements share round trips. If two chains reach the same object all the same (a refund that
 names only its charge), the batch stops and runs again with every event in order (`Entangled`).
+Before the chains run, those made only of one PaymentIntent's payment_intent.* events are applied as
+sets (`processor.events.intent_batch`): a few statements for all of them instead of ~4 per event.
 
 A batch commits as a whole; if any message in it fails (poison, bad payload, lock conflict, bug), the
 batch rolls back and every message is processed alone in its own transaction, where the failure
@@ -31,7 +33,7 @@ from opentelemetry.trace import Link, SpanKind
 from processor import outbox
 from processor.chains import split
 from processor.consumer import DB_DOWN_ERRORS
-from processor.events import Event
+from processor.events import Event, intent_batch
 from processor.ledger import Result, apply_event, finish_many, parse_event, record_many, transaction
 from processor.pipeline import EventPipeline, received_at_of
 from processor.schema import unknown_schema
@@ -64,6 +66,7 @@ class EventBatcher:
         self._runner: asyncio.Task[None] | None = None
         self.batches = 0  # batches applied in a shared transaction
         self.entangled = 0  # of those, how many two chains met in, and were applied again in order
+        self.intent_chains = 0  # PaymentIntent chains applied as sets (`processor.events.intent_batch`)
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
         token = context.attach(extract(message.headers))
@@ -177,11 +180,22 @@ class EventBatcher:
                     )
 
             with outbox.held() as emitted:  # the chains' tasks start inside: they share this list
-                if len(chains) == 1:
+                claims = Claims()
+                events = [event for _, event in items]
+                taken, applied = await intent_batch.apply_chains(
+                    conn, events, recorded, chains, pipeline.handlers, pipeline.ctx, claims
+                )
+                self.intent_chains += len(taken)
+                for i, result in applied.items():
+                    finished.append((items[i][1].id, result.outcome, result.user_id))
+                    by_index[i] = result.outcome
+                for n in taken:
+                    by_index.update((i, "duplicate") for i in chains[n] if not recorded[i])
+                rest = [(n, indexes) for n, indexes in enumerate(chains) if n not in taken]
+                if len(chains) == 1 and rest:
                     await chain(chains[0])
-                else:
-                    claims = Claims()
-                    await _together([chain(indexes, claims, n) for n, indexes in enumerate(chains)])
+                elif rest:
+                    await _together([chain(indexes, claims, n) for n, indexes in rest])
             await outbox.write_held(conn, emitted)
             await finish_many(conn, finished)
         return [by_index[i] for i in range(len(items))]

@@ -90,19 +90,24 @@ def for_subscription(s: SubscriptionFacts, catalog: Catalog, grace: timedelta) -
     return Grant(product=key, features=features, active=False, reason=s.status)
 
 
-_ROWS: Final = """
-SELECT id, user_id::text, feature, active, expires_at, product, reason FROM entitlements
- WHERE source_type = %s AND source_id = %s ORDER BY id FOR UPDATE
-"""
-_GRANT: Final = """
-INSERT INTO entitlements (user_id, feature, source_type, source_id, product, active, reason, granted_at,
-                          expires_at)
-VALUES (%(user)s, %(feature)s, %(type)s, %(source)s, %(product)s, true, %(reason)s, now(), %(expires)s)
+# A grant of a feature the source already had (active or revoked) renews that row.
+_REGRANT: Final = """
 ON CONFLICT (user_id, feature, source_id) DO UPDATE
    SET active = true, reason = EXCLUDED.reason, product = EXCLUDED.product, expires_at = EXCLUDED.expires_at,
        granted_at = CASE WHEN entitlements.active THEN entitlements.granted_at ELSE now() END,
        revoked_at = NULL, updated_at = now()
 """
+_ROWS: Final = """
+SELECT id, user_id::text, feature, active, expires_at, product, reason FROM entitlements
+ WHERE source_type = %s AND source_id = %s ORDER BY id FOR UPDATE
+"""
+_GRANT: Final = (
+    """
+INSERT INTO entitlements (user_id, feature, source_type, source_id, product, active, reason, granted_at,
+                          expires_at)
+VALUES (%(user)s, %(feature)s, %(type)s, %(source)s, %(product)s, true, %(reason)s, now(), %(expires)s)"""
+    + _REGRANT
+)
 _REVOKE: Final = """
 UPDATE entitlements SET active = false, reason = %s, revoked_at = now(), updated_at = now() WHERE id = %s
 """
@@ -161,19 +166,7 @@ async def sync(
                     "expires": grant.expires_at,
                 },
             )
-            await emit(
-                conn,
-                EntitlementGranted(
-                    id=new_id(),
-                    occurred_at=at,
-                    user_id=user_id,
-                    feature=feature,
-                    source_type=source_type,
-                    source_id=source_id,
-                    product=grant.product,
-                    expires_at=grant.expires_at,
-                ),
-            )
+            await emit(conn, granted(user_id, feature, source_type, source_id, grant, at))
         elif not grant.active and active:
             await send(
                 conn,
@@ -182,6 +175,50 @@ async def sync(
                 (grant.reason, user_id, feature, source_id),
             )
             await _revoked(conn, user_id, feature, source_type, source_id, grant.product, grant.reason, at)
+
+
+def granted(
+    user_id: str, feature: str, source_type: str, source_id: str, grant: Grant, at: datetime
+) -> EntitlementGranted:
+    return EntitlementGranted(
+        id=new_id(),
+        occurred_at=at,
+        user_id=user_id,
+        feature=feature,
+        source_type=source_type,
+        source_id=source_id,
+        product=grant.product,
+        expires_at=grant.expires_at,
+    )
+
+
+def first_grants(user_id: str | None, grant: Grant) -> list[str]:
+    """The features ``grant`` grants to a source that has no entitlement rows yet (`sync`, ``no_rows``)."""
+    return sorted(grant.features) if user_id and grant.active else []
+
+
+# `_GRANT` for many rows at once, each (user, feature, source) at most once.
+_GRANT_MANY: Final = (
+    """
+INSERT INTO entitlements (user_id, feature, source_type, source_id, product, active, reason, granted_at,
+                          expires_at)
+SELECT v.user_id::uuid, v.feature, v.source_type, v.source_id, v.product, true, v.reason, now(), v.expires_at
+  FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::timestamptz[])
+       AS v(user_id, feature, source_type, source_id, product, reason, expires_at)"""
+    + _REGRANT
+)
+
+GrantRow = tuple[str, str, str, str, str | None, str, datetime | None]
+
+
+async def grant_many(conn: AsyncConnection[Any], rows: list[GrantRow]) -> None:
+    """Write grants as `sync` does, in one statement: (user, feature, source type, source id, product,
+    reason, expires at). A later row for the same (user, feature, source) replaces an earlier one."""
+    last: dict[tuple[str, str, str], GrantRow] = {}
+    for row in rows:
+        last[row[0], row[1], row[3]] = row
+    if last:
+        await send(conn, _GRANT_MANY, [list(column) for column in zip(*last.values(), strict=True)])
 
 
 async def _revoked(

@@ -19,7 +19,7 @@ from processor.context import Context
 from processor.events import Applied, Event, Handler
 from processor.store import payment_effects, payments
 from processor.store.locks import lock_customer
-from processor.users import customer_id, resolve_user
+from processor.users import customer_id, resolve_user, user_from_object
 
 STATUS_BY_EVENT: Final = {
     "payment_intent.created": "open",
@@ -58,33 +58,36 @@ def event_time(event: Event) -> datetime:
 
 
 async def on_payment_intent(conn: AsyncConnection[Any], event: Event, ctx: Context) -> Applied:
-    intent = event.object(PaymentIntent)
-    status = STATUS_BY_EVENT[event.type]
-    customer = customer_id(event.data.object)
-    await lock_customer(conn, customer)
-    user_id = await resolve_user(conn, event.data.object)
-    error = intent.last_payment_error
-    change = await payments.apply(
-        conn,
-        payments.PaymentUpdate(
-            intent=intent.id,
-            session=None,
-            status=status,
-            created=event.created,
-            amount=intent.amount,
-            currency=intent.currency.lower(),
-            user_id=user_id,
-            stripe_customer_id=customer,
-            product=product_of(intent.metadata),
-            error=(error.decline_code or error.code or error.type) if error and status == "failed" else None,
-            metadata=intent.metadata,
-        ),
-    )
+    upd = intent_update(event)  # the payload is checked before anything is locked or read
+    await lock_customer(conn, upd.stripe_customer_id)
+    if upd.user_id is None:  # then the customer's user, if it has one
+        upd = msgspec.structs.replace(upd, user_id=await resolve_user(conn, event.data.object))
+    change = await payments.apply(conn, upd)
     if change.changed:  # a stale event changes nothing, so there is nothing to derive or announce
         await payment_effects.settle(
             conn, change.payment_id, change.before, ctx, event_time(event), change.current
         )
-    return Applied("applied" if change.changed else "stale", user_id)
+    return Applied("applied" if change.changed else "stale", upd.user_id)
+
+
+def intent_update(event: Event) -> payments.PaymentUpdate:
+    """What a payment_intent.* event says about its payment; its user only if the object names one."""
+    intent = event.object(PaymentIntent)
+    status = STATUS_BY_EVENT[event.type]
+    error = intent.last_payment_error
+    return payments.PaymentUpdate(
+        intent=intent.id,
+        session=None,
+        status=status,
+        created=event.created,
+        amount=intent.amount,
+        currency=intent.currency.lower(),
+        user_id=user_from_object(event.data.object),
+        stripe_customer_id=customer_id(event.data.object),
+        product=product_of(intent.metadata),
+        error=(error.decline_code or error.code or error.type) if error and status == "failed" else None,
+        metadata=intent.metadata,
+    )
 
 
 HANDLERS: Final[dict[str, Handler]] = {event_type: on_payment_intent for event_type in STATUS_BY_EVENT}

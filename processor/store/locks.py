@@ -28,6 +28,9 @@ _EXCLUSIVE: Final = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
 # A function scan over unnest() yields the array in order, so the locks are taken in that order.
 _MANY: Final = "SELECT pg_advisory_xact_lock(hashtextextended(key, 0)) FROM unnest(%s::text[]) AS key"
 _SHARED: Final = "SELECT pg_advisory_xact_lock_shared(hashtextextended(%s, 0))"
+_MANY_SHARED: Final = (
+    "SELECT pg_advisory_xact_lock_shared(hashtextextended(key, 0)) FROM unnest(%s::text[]) AS key"
+)
 
 
 class Entangled(Exception):
@@ -91,3 +94,9 @@ async def lock_objects(conn: AsyncConnection[Any], *keys: str | None) -> None:
     claim(ordered)
     if ordered:  # one round trip; the locks are taken one after the other, in array order
         await send(conn, _MANY, (ordered,))
+
+
+async def lock_keys(conn: AsyncConnection[Any], keys: list[str], *, exclusive: bool = True) -> None:
+    """Locks on many keys in one statement, in the order given; claiming them is the caller's part."""
+    if keys:
+        await send(conn, _MANY if exclusive else _MANY_SHARED, (keys,))

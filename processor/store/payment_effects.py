@@ -17,7 +17,7 @@ from processor import entitlements
 from processor.context import Context
 from processor.outbox import emit, new_id
 from processor.store.locks import lock_objects
-from shared.domain_events import PaymentFailed, PaymentRefunded, PaymentSucceeded
+from shared.domain_events import DomainEvent, PaymentFailed, PaymentRefunded, PaymentSucceeded
 
 # One statement: recompute the refunded amount and the dispute state from their own rows, store them.
 # Every lookup is an index equality (a refund or dispute is found by its PaymentIntent, or by a charge of
@@ -76,19 +76,9 @@ async def settle(
     old_refunded = before["amount_refunded"] if before else 0
     old_dispute = before["dispute_status"] if before else None
     changed = bool(row["amount_refunded"] != old_refunded or row["dispute_status"] != old_dispute)
-    await _emit_payment_events(conn, row, before, at)
-    grant = entitlements.for_payment(
-        entitlements.PaymentFacts(
-            mode=row["mode"],
-            status=row["status"],
-            product=row["product"],
-            amount=row["amount"],
-            amount_refunded=row["amount_refunded"],
-            dispute_status=row["dispute_status"],
-            paid_at=row["paid_at"],
-        ),
-        ctx.catalog,
-    )
+    for domain_event in payment_events(row, before, at):
+        await emit(conn, domain_event)
+    grant = grant_of(row, ctx)
     user = str(row["user_id"]) if row["user_id"] else None
     # Only a succeeded payment grants, and succeeded is terminal (a merge keeps the better status): a
     # payment that was not succeeded before this change has no entitlement row to read.
@@ -104,14 +94,29 @@ async def settle(
     return changed
 
 
-async def _emit_payment_events(
-    conn: AsyncConnection[Any], row: dict[str, Any], before: dict[str, Any] | None, at: datetime
-) -> None:
+def grant_of(row: dict[str, Any], ctx: Context) -> entitlements.Grant:
+    """What the payment ``row`` grants in its current state."""
+    return entitlements.for_payment(
+        entitlements.PaymentFacts(
+            mode=row["mode"],
+            status=row["status"],
+            product=row["product"],
+            amount=row["amount"],
+            amount_refunded=row["amount_refunded"],
+            dispute_status=row["dispute_status"],
+            paid_at=row["paid_at"],
+        ),
+        ctx.catalog,
+    )
+
+
+def payment_events(row: dict[str, Any], before: dict[str, Any] | None, at: datetime) -> list[DomainEvent]:
+    """The domain events for what changed between ``before`` and ``row``: succeeded, failed, refunded."""
+    out: list[DomainEvent] = []
     user = str(row["user_id"]) if row["user_id"] else None
     status_changed = before is None or before["status"] != row["status"]
     if status_changed and row["status"] == "succeeded":
-        await emit(
-            conn,
+        out.append(
             PaymentSucceeded(
                 id=new_id(),
                 occurred_at=at,
@@ -126,8 +131,7 @@ async def _emit_payment_events(
             ),
         )
     elif status_changed and row["status"] == "failed":
-        await emit(
-            conn,
+        out.append(
             PaymentFailed(
                 id=new_id(),
                 occurred_at=at,
@@ -142,8 +146,7 @@ async def _emit_payment_events(
             ),
         )
     if row["amount_refunded"] > (before["amount_refunded"] if before else 0):
-        await emit(
-            conn,
+        out.append(
             PaymentRefunded(
                 id=new_id(),
                 occurred_at=at,
@@ -156,6 +159,7 @@ async def _emit_payment_events(
                 fully_refunded=row["amount"] > 0 and row["amount_refunded"] >= row["amount"],
             ),
         )
+    return out
 
 
 async def ids_for_intent(conn: AsyncConnection[Any], intent: str | None) -> list[str]:

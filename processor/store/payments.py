@@ -99,6 +99,23 @@ async def apply(conn: AsyncConnection[Any], upd: PaymentUpdate) -> Change:
     else:  # one row, or (never seen in practice) two that name different PaymentIntents: keep the PI's
         row = next((r for r in rows if upd.intent and r["stripe_payment_intent_id"] == upd.intent), rows[0])
         before = dict(row)
+    changes = changes_to(row, upd)
+    if not changes:
+        return Change(False, str(row["id"]), before)
+    if "metadata" in changes:
+        changes["metadata"] = Jsonb(changes["metadata"])
+    if mergeable or "stripe_payment_intent_id" in changes:
+        await _update(conn, row["id"], changes)
+        return Change(True, str(row["id"]), before)
+    return Change(True, str(row["id"]), before, await _update(conn, row["id"], changes, returning=True))
+
+
+def changes_to(row: dict[str, Any], upd: PaymentUpdate) -> dict[str, Any]:
+    """The columns ``upd`` changes in the payment ``row`` under the guard; empty if it changes nothing.
+
+    Pure, so that a batch's PaymentIntent chains (`processor.events.intent_batch`) apply the same rule
+    to rows held in memory. ``metadata`` comes back as a plain dict.
+    """
     changes: dict[str, Any] = {}
     if upd.intent and row["stripe_payment_intent_id"] is None:
         changes["stripe_payment_intent_id"] = upd.intent
@@ -122,18 +139,37 @@ async def apply(conn: AsyncConnection[Any], upd: PaymentUpdate) -> Change:
             last_error=upd.error,
             status_event_created=upd.created,
             status_rank=new_key.rank,
-            metadata=Jsonb({**row["metadata"], **upd.metadata}),
+            metadata={**row["metadata"], **upd.metadata},
         )
         if upd.mode is not None:
             changes["mode"] = upd.mode
     elif upd.mode is not None and upd.session and row["mode"] != upd.mode:
         changes["mode"] = upd.mode  # only sessions know the mode; a stale one still says it
-    if not changes:
-        return Change(False, str(row["id"]), before)
-    if mergeable or "stripe_payment_intent_id" in changes:
-        await _update(conn, row["id"], changes)
-        return Change(True, str(row["id"]), before)
-    return Change(True, str(row["id"]), before, await _update(conn, row["id"], changes, returning=True))
+    return changes
+
+
+def new_row(upd: PaymentUpdate) -> dict[str, Any]:
+    """The columns of the payment row ``upd`` creates (`_insert`), all but its id and timestamps."""
+    return {
+        "user_id": upd.user_id,
+        "stripe_payment_intent_id": upd.intent,
+        "stripe_checkout_session_id": upd.session,
+        "stripe_customer_id": upd.stripe_customer_id,
+        "subscription_id": upd.subscription_id,
+        "mode": upd.mode or "payment",
+        "amount": upd.amount or 0,
+        "currency": upd.currency or "inr",
+        "status": upd.status,
+        "product": upd.product,
+        "last_error": upd.error,
+        "metadata": upd.metadata,
+        "status_event_created": upd.created,
+        "status_rank": STATUS_RANK[upd.status],
+        "paid_at": datetime.fromtimestamp(upd.created, UTC) if upd.status == "succeeded" else None,
+        "amount_refunded": 0,
+        "disputed": False,
+        "dispute_status": None,
+    }
 
 
 async def _insert(conn: AsyncConnection[Any], upd: PaymentUpdate) -> Change:
@@ -143,38 +179,24 @@ async def _insert(conn: AsyncConnection[Any], upd: PaymentUpdate) -> Change:
     `settle` to fold them in. Without them, the row as inserted is already settled.
     """
     cur = conn.cursor(row_factory=dict_row)
+    values = new_row(upd)
     row = await (
         await cur.execute(
             """
             INSERT INTO payments (user_id, stripe_payment_intent_id, stripe_checkout_session_id,
                                   stripe_customer_id, subscription_id, mode, amount, currency, status,
                                   product, last_error, metadata, status_event_created, status_rank, paid_at)
-            VALUES (%(user_id)s, %(intent)s, %(session)s, %(customer)s, %(subscription)s, %(mode)s,
-                    %(amount)s, %(currency)s, %(status)s, %(product)s, %(error)s, %(metadata)s, %(created)s,
-                    %(rank)s,
-                    CASE WHEN %(status)s = 'succeeded' THEN to_timestamp(%(created)s) END)
+            VALUES (%(user_id)s, %(stripe_payment_intent_id)s, %(stripe_checkout_session_id)s,
+                    %(stripe_customer_id)s, %(subscription_id)s, %(mode)s, %(amount)s, %(currency)s,
+                    %(status)s, %(product)s, %(last_error)s, %(metadata)s, %(status_event_created)s,
+                    %(status_rank)s, %(paid_at)s)
             RETURNING *,
-                      EXISTS (SELECT FROM charges WHERE stripe_payment_intent_id = %(intent)s)
-                      OR EXISTS (SELECT FROM refunds WHERE stripe_payment_intent_id = %(intent)s)
-                      OR EXISTS (SELECT FROM disputes WHERE stripe_payment_intent_id = %(intent)s)
+                      EXISTS (SELECT FROM charges WHERE stripe_payment_intent_id = %(pi)s)
+                      OR EXISTS (SELECT FROM refunds WHERE stripe_payment_intent_id = %(pi)s)
+                      OR EXISTS (SELECT FROM disputes WHERE stripe_payment_intent_id = %(pi)s)
                       AS paybus_has_related
             """,
-            {
-                "user_id": upd.user_id,
-                "intent": upd.intent,
-                "session": upd.session,
-                "customer": upd.stripe_customer_id,
-                "subscription": upd.subscription_id,
-                "mode": upd.mode or "payment",
-                "amount": upd.amount or 0,
-                "currency": upd.currency or "inr",
-                "status": upd.status,
-                "product": upd.product,
-                "error": upd.error,
-                "metadata": Jsonb(upd.metadata),
-                "created": upd.created,
-                "rank": STATUS_RANK[upd.status],
-            },
+            {**values, "metadata": Jsonb(values["metadata"]), "pi": upd.intent},
         )
     ).fetchone()
     assert row is not None  # an INSERT without ON CONFLICT returns its row or raises

@@ -1,0 +1,190 @@
+"""A batch's PaymentIntent chains, applied as sets, end exactly where one event at a time ends."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import msgspec
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from processor.batching import EventBatcher
+from processor.events.payments import STATUS_BY_EVENT
+from processor.pipeline import EventPipeline
+from shared import db, samples
+from tests.integration.domain_helpers import CTX, HANDLERS, Conn, deliver, rows, user
+from tests.support import database_url, unique
+
+T = 1_800_000_000  # every event's `created` is T plus a step, so the guard's order is the test's
+
+
+class Delivery(msgspec.Struct):
+    """The fields of an AMQP delivery the event path reads."""
+
+    body: bytes
+    type: str = "payment_intent.succeeded"
+    routing_key: str = "payment_intent.succeeded"
+    headers: dict[str, Any] = {}
+
+
+def intent_event(
+    event_type: str,
+    intent: str,
+    step: int,
+    *,
+    user_id: str | None = None,
+    product: str | None = "course_bundle",
+    customer: str | None = None,
+) -> dict[str, Any]:
+    status = {
+        "payment_intent.created": "requires_payment_method",
+        "payment_intent.payment_failed": "requires_payment_method",
+    }.get(event_type, STATUS_BY_EVENT[event_type])
+    obj = samples.payment_intent(
+        intent_id=intent, user_id=user_id, status=status, product=product, customer=customer
+    )
+    if event_type == "payment_intent.payment_failed":
+        obj["last_payment_error"] = {
+            "type": "card_error",
+            "code": "card_declined",
+            "decline_code": "expired_card",
+        }
+    return samples.event(event_type, obj, created=T + step)
+
+
+@pytest.fixture
+def twin() -> Iterator[str]:
+    """A second migrated database, for the same events applied one at a time."""
+    url = database_url(unique("paybus_test"))
+    db.migrate(url)
+    yield url
+    db.drop_database(url)
+
+
+@pytest.fixture
+async def batched(database: str) -> AsyncIterator[tuple[EventBatcher, Conn]]:
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(database, min_size=1, max_size=2, open=False)
+    await pool.open()
+    batcher = EventBatcher(EventPipeline(pool, HANDLERS, CTX), max_batch=100, linger=0.05)
+    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+        yield batcher, conn
+    await batcher.close()
+    await pool.close()
+
+
+async def state(conn: Conn, intents: list[str], event_ids: list[str], since: int) -> dict[str, Any]:
+    """Everything the events left, with the ids a database makes itself replaced by PaymentIntent ids."""
+    payments = await rows(conn, "SELECT * FROM payments WHERE stripe_payment_intent_id = ANY(%s)", intents)
+    pi_of = {str(p["id"]): p["stripe_payment_intent_id"] for p in payments}
+    made = ("id", "created_at", "updated_at")
+    entitlements = await rows(
+        conn,
+        "SELECT user_id::text, feature, source_type, source_id, product, active, reason, expires_at,"
+        " granted_at IS NOT NULL AS granted, revoked_at IS NOT NULL AS revoked"
+        " FROM entitlements WHERE source_id = ANY(%s)",
+        list(pi_of),
+    )
+    outbox = await rows(conn, "SELECT payload FROM outbox WHERE seq > %s ORDER BY seq", since)
+    announced: dict[str, list[dict[str, Any]]] = {}
+    for row in outbox:
+        payload = {k: v for k, v in row["payload"].items() if k != "id"}
+        for name in ("payment_id", "source_id"):
+            if name in payload:
+                payload[name] = pi_of[payload[name]]
+        intent = payload.get("stripe_payment_intent_id") or payload["source_id"]
+        announced.setdefault(intent, []).append(payload)  # in order within a PaymentIntent
+    ledger = await rows(
+        conn, "SELECT id, outcome, user_id::text FROM stripe_events WHERE id = ANY(%s)", event_ids
+    )
+    return {
+        "payments": {
+            p["stripe_payment_intent_id"]: {k: v for k, v in p.items() if k not in made} for p in payments
+        },
+        "entitlements": sorted(
+            ({**e, "source_id": pi_of[e["source_id"]]} for e in entitlements),
+            key=lambda e: (e["source_id"], e["feature"]),
+        ),
+        "outbox": announced,
+        "ledger": {r["id"]: (r["outcome"], r["user_id"]) for r in ledger},
+    }
+
+
+async def last_seq(conn: Conn) -> int:
+    found = await rows(conn, "SELECT coalesce(max(seq), 0) AS seq FROM outbox")
+    return int(found[0]["seq"])
+
+
+async def test_intent_chains_applied_as_sets_end_as_one_event_at_a_time(
+    batched: tuple[EventBatcher, Conn], twin: str
+) -> None:
+    batcher, conn = batched
+    ids = {name: samples.new_id("pi") for name in "ABCDEFGHIJK"}
+    users = {name: user() for name in "ABCDEFGHIJK"}
+    customer_h, customer_j, customer_f = samples.new_id("cus"), samples.new_id("cus"), samples.new_id("cus")
+
+    def pi(name: str, event_type: str, step: int, **kw: Any) -> dict[str, Any]:
+        kw.setdefault("user_id", users[name])
+        return intent_event(event_type, ids[name], step, **kw)
+
+    # Already applied before the batch, in both databases.
+    charge = samples.charge(intent_id=ids["G"])
+    before = [
+        pi("E", "payment_intent.created", 0),  # an open payment the batch makes succeed
+        pi("K", "payment_intent.payment_failed", 0),  # a failed one the batch makes succeed
+        pi("F", "payment_intent.succeeded", 0),  # a succeeded one: its entitlements exist
+        samples.event("charge.succeeded", charge, created=T),  # a charge waiting for G's payment
+        samples.event("customer.created", samples.customer(customer_id=customer_h, user_id=users["H"])),
+    ]
+    succeeded_a = pi("A", "payment_intent.succeeded", 1)
+    batch = [
+        pi("A", "payment_intent.created", 0),
+        pi("B", "payment_intent.requires_action", 0, product=None),
+        succeeded_a,
+        pi("C", "payment_intent.succeeded", 0, product="lifetime_reports"),
+        pi("B", "payment_intent.payment_failed", 1, product=None),
+        pi("D", "payment_intent.succeeded", 1),
+        pi("D", "payment_intent.created", 0),  # older than D's success: stale
+        pi("E", "payment_intent.succeeded", 2),
+        pi("F", "payment_intent.succeeded", 0, customer=customer_f),  # learns a customer: per event
+        pi("G", "payment_intent.succeeded", 1),  # its charge came first: per event
+        pi("H", "payment_intent.succeeded", 1, user_id=None, customer=customer_h),  # the customer's user
+        succeeded_a,  # the same event twice: a duplicate
+        pi("I", "payment_intent.succeeded", 1, user_id=None),  # nobody's: nothing granted
+        pi("J", "payment_intent.created", 0),
+        pi("J", "payment_intent.succeeded", 1, customer=customer_j),  # learns its customer
+        pi("K", "payment_intent.succeeded", 1),
+    ]
+    intents = list(ids.values())
+    event_ids = [e["id"] for e in batch]
+
+    async with await psycopg.AsyncConnection.connect(twin, autocommit=True) as alone:
+        for envelope in before:
+            await deliver(conn, envelope)
+            await deliver(alone, envelope)
+        since_batched, since_alone = await last_seq(conn), await last_seq(alone)
+
+        results = await asyncio.gather(*(batcher(Delivery(samples.encode(e))) for e in batch))  # type: ignore[arg-type]
+        assert results == [None] * len(batch)
+        assert batcher.batches == 1 and batcher.intent_chains == 9  # all but F's and G's chains
+
+        one_by_one = [await deliver(alone, e) for e in batch]
+        expected = await state(alone, intents, event_ids, since_alone)
+        assert await state(conn, intents, event_ids, since_batched) == expected
+
+    # What the per-event path did, so the comparison above compares something.
+    assert one_by_one.count("duplicate") == 1 and one_by_one.count("stale") == 1
+    assert expected["ledger"][batch[6]["id"]] == ("stale", users["D"])
+    assert expected["ledger"][batch[10]["id"]] == ("applied", users["H"])
+    payments = expected["payments"]
+    assert payments[ids["B"]]["status"] == "failed" and payments[ids["B"]]["last_error"] == "expired_card"
+    assert payments[ids["F"]]["stripe_customer_id"] == customer_f
+    assert payments[ids["J"]]["stripe_customer_id"] == customer_j
+    assert payments[ids["K"]]["status"] == "succeeded" and payments[ids["K"]]["last_error"] is None
+    granted = {(e["source_id"], e["feature"], e["active"]) for e in expected["entitlements"]}
+    assert {(ids[n], True) for n in "ACDEFGHJK"} == {(s, a) for s, _, a in granted}
+    assert [p["type"] for p in expected["outbox"][ids["A"]]] == ["payment.succeeded", "entitlement.granted"]
+    assert [p["type"] for p in expected["outbox"][ids["B"]]] == ["payment.failed"]
+    assert ids["F"] not in expected["outbox"]  # learning a customer announces nothing
