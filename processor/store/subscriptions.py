@@ -168,7 +168,9 @@ async def apply(
             )
         ).fetchall()
         claim(f"invoices:{invoice_id}" for (invoice_id,) in linked)
-    await _sync(conn, after, ctx, at)
+    # A subscription's entitlement rows are only ever written after its row (here or in `derive`), so a
+    # new row has none to read.
+    await _sync(conn, after, ctx, at, no_rows=row is None)
     return True, _user(after)
 
 
@@ -182,7 +184,9 @@ async def derive(conn: AsyncConnection[Any], subscription_id: str, ctx: Context,
         await _sync(conn, row, ctx, at)
 
 
-async def _sync(conn: AsyncConnection[Any], row: dict[str, Any], ctx: Context, at: datetime) -> None:
+async def _sync(
+    conn: AsyncConnection[Any], row: dict[str, Any], ctx: Context, at: datetime, *, no_rows: bool = False
+) -> None:
     changed_at = row["updated_at"] if row["status_event_created"] is None else None
     grant = entitlements.for_subscription(
         entitlements.SubscriptionFacts(
@@ -195,7 +199,13 @@ async def _sync(conn: AsyncConnection[Any], row: dict[str, Any], ctx: Context, a
         ctx.grace,
     )
     await entitlements.sync(
-        conn, source_type="subscription", source_id=row["id"], user_id=_user(row), grant=grant, at=at
+        conn,
+        source_type="subscription",
+        source_id=row["id"],
+        user_id=_user(row),
+        grant=grant,
+        at=at,
+        no_rows=no_rows,
     )
 
 
