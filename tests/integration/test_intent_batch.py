@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgspec
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg_pool import AsyncConnectionPool
 
 from processor.batching import EventBatcher
@@ -38,6 +41,7 @@ def intent_event(
     user_id: str | None = None,
     product: str | None = "course_bundle",
     customer: str | None = None,
+    attempt: int | None = None,
 ) -> dict[str, Any]:
     status = {
         "payment_intent.created": "requires_payment_method",
@@ -46,6 +50,8 @@ def intent_event(
     obj = samples.payment_intent(
         intent_id=intent, user_id=user_id, status=status, product=product, customer=customer
     )
+    if attempt is not None:  # metadata that differs from event to event
+        obj["metadata"]["attempt"] = str(attempt)
     if event_type == "payment_intent.payment_failed":
         obj["last_payment_error"] = {
             "type": "card_error",
@@ -188,3 +194,86 @@ async def test_intent_chains_applied_as_sets_end_as_one_event_at_a_time(
     assert [p["type"] for p in expected["outbox"][ids["A"]]] == ["payment.succeeded", "entitlement.granted"]
     assert [p["type"] for p in expected["outbox"][ids["B"]]] == ["payment.failed"]
     assert ids["F"] not in expected["outbox"]  # learning a customer announces nothing
+
+
+@st.composite
+def journeys(draw: st.DrawFn) -> dict[str, Any]:
+    """A few PaymentIntents, each with a state before the batch, a user by some route, and 1-4 events;
+    the batch delivers their events in a drawn order, with a few delivered twice."""
+    plans = []
+    for _ in range(draw(st.integers(1, 6))):
+        plans.append(
+            {
+                "before": draw(st.sampled_from(["none", "open", "failed", "succeeded", "charge"])),
+                "who": draw(
+                    st.sampled_from(["metadata", "metadata+customer", "mapped", "unmapped", "nobody"])
+                ),
+                "product": draw(st.sampled_from(["course_bundle", "lifetime_reports", None])),
+                "events": draw(
+                    st.lists(
+                        st.tuples(st.sampled_from(sorted(STATUS_BY_EVENT)), st.integers(0, 3), st.booleans()),
+                        min_size=1,
+                        max_size=4,
+                    )
+                ),
+            }
+        )
+    refs = [(k, n) for k, plan in enumerate(plans) for n in range(len(plan["events"]))]
+    order = draw(st.permutations(refs))
+    again = draw(st.lists(st.sampled_from(order), max_size=2))
+    return {"plans": plans, "order": [*order, *again]}
+
+
+@settings(
+    max_examples=int(os.environ.get("PAYBUS_PROPERTY_EXAMPLES", "200")) // 4,
+    deadline=None,
+    database=None,
+    derandomize=not os.environ.get("PAYBUS_PROPERTY_EXPLORE"),
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(journey=journeys())
+async def test_any_intent_batch_ends_as_one_event_at_a_time(
+    batched: tuple[EventBatcher, Conn], twin: str, journey: dict[str, Any]
+) -> None:
+    batcher, conn = batched
+    before: list[dict[str, Any]] = []
+    built: dict[tuple[int, int], dict[str, Any]] = {}
+    intents = []
+    for k, plan in enumerate(journey["plans"]):
+        intent, person, customer = samples.new_id("pi"), user(), samples.new_id("cus")
+        intents.append(intent)
+        named = plan["who"] in ("metadata", "metadata+customer")
+        with_customer = plan["who"] in ("metadata+customer", "mapped", "unmapped")
+        if plan["who"] == "mapped":
+            before.append(
+                samples.event("customer.created", samples.customer(customer_id=customer, user_id=person))
+            )
+        kw = {"user_id": person if named else None, "product": plan["product"]}
+        if plan["before"] == "charge":
+            charge = samples.charge(intent_id=intent, amount_refunded=10000)  # refunded in part already
+            before.append(samples.event("charge.refunded", charge, created=T))
+        elif plan["before"] != "none":
+            event_type = {
+                "open": "payment_intent.created",
+                "failed": "payment_intent.payment_failed",
+                "succeeded": "payment_intent.succeeded",
+            }[plan["before"]]
+            before.append(intent_event(event_type, intent, 0, **kw))
+        for n, (event_type, step, names_customer) in enumerate(plan["events"]):
+            customer_here = customer if with_customer and (names_customer or not named) else None
+            built[k, n] = intent_event(event_type, intent, step, customer=customer_here, attempt=n, **kw)
+    batch = [built[ref] for ref in journey["order"]]
+    event_ids = [e["id"] for e in batch]
+
+    async with await psycopg.AsyncConnection.connect(twin, autocommit=True) as alone:
+        for envelope in before:
+            await deliver(conn, envelope)
+            await deliver(alone, envelope)
+        since_batched, since_alone = await last_seq(conn), await last_seq(alone)
+        batches = batcher.batches
+        await asyncio.gather(*(batcher(Delivery(samples.encode(e))) for e in batch))  # type: ignore[arg-type]
+        assert batcher.batches == batches + (len(batch) > 1)  # one shared transaction, not a fallback
+        for envelope in batch:
+            await deliver(alone, envelope)
+        expected = await state(alone, intents, event_ids, since_alone)
+        assert await state(conn, intents, event_ids, since_batched) == expected
