@@ -32,18 +32,51 @@ async def upsert(
     learned: Mapping[str, Any] | None = None,
 ) -> tuple[bool, dict[str, Any] | None, dict[str, Any]]:
     """Apply one snapshot; return (changed, row before, row after). Takes the object's lock first."""
-    monotone = monotone or {}
-    learned = learned or {}
     await lock_objects(conn, f"{table}:{object_id}")
     cur = conn.cursor(row_factory=dict_row)
     row = await (await cur.execute(_select(table), (object_id,))).fetchone()
-    new_key = key_of(status, created, ranks, terminal)
-    guarded = {**fields, "status": status, "status_event_created": created, "status_rank": new_key.rank}
+    values = decide(
+        row,
+        object_id,
+        status=status,
+        created=created,
+        ranks=ranks,
+        terminal=terminal,
+        fields=fields,
+        monotone=monotone,
+        learned=learned,
+    )
     if row is None:
-        values = {**learned, **guarded, **monotone, "id": object_id}
         after = await (await cur.execute(_insert(table, tuple(values)), values)).fetchone()
         assert after is not None
         return True, None, after
+    if not values:
+        return False, row, row
+    after = await (await cur.execute(_update(table, tuple(values)), {**values, "id": object_id})).fetchone()
+    assert after is not None
+    return True, row, after
+
+
+def decide(
+    row: Mapping[str, Any] | None,
+    object_id: str,
+    *,
+    status: str,
+    created: int,
+    ranks: Mapping[str, int],
+    terminal: frozenset[str],
+    fields: Mapping[str, Any],
+    monotone: Mapping[str, int] | None = None,
+    learned: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What one snapshot writes: every column of a new row (``row`` None), else the columns it changes
+    (empty if none). Pure, so that a batch can apply snapshots to rows held in memory."""
+    monotone = monotone or {}
+    learned = learned or {}
+    new_key = key_of(status, created, ranks, terminal)
+    guarded = {**fields, "status": status, "status_event_created": created, "status_rank": new_key.rank}
+    if row is None:
+        return {**learned, **guarded, **monotone, "id": object_id}
     changes: dict[str, Any] = {}
     if new_key > stored_key(row["status"], row["status_event_created"], row["status_rank"], terminal):
         changes.update({k: v for k, v in guarded.items() if row[k] != v})
@@ -53,11 +86,7 @@ async def upsert(
     for name, value in learned.items():
         if row[name] is None and value is not None:
             changes[name] = value
-    if not changes:
-        return False, row, row
-    after = await (await cur.execute(_update(table, tuple(changes)), {**changes, "id": object_id})).fetchone()
-    assert after is not None
-    return True, row, after
+    return changes
 
 
 # The statements are rendered once per table and set of columns: composing and quoting an INSERT of

@@ -21,7 +21,13 @@ from shared import db, samples
 from tests.integration.domain_helpers import CTX, HANDLERS, Conn, deliver, rows, user
 from tests.support import database_url, unique
 
-T = 1_800_000_000  # every event's `created` is T plus a step, so the guard's order is the test's
+T = 1_800_000_000
+CHARGE_EVENTS = (
+    "charge.succeeded",
+    "charge.updated",
+    "charge.refunded",
+    "charge.failed",
+)  # every event's `created` is T plus a step, so the guard's order is the test's
 
 
 class Delivery(msgspec.Struct):
@@ -82,7 +88,8 @@ async def batched(database: str) -> AsyncIterator[tuple[EventBatcher, Conn]]:
 
 
 async def state(conn: Conn, intents: list[str], event_ids: list[str], since: int) -> dict[str, Any]:
-    """Everything the events left, with the ids a database makes itself replaced by PaymentIntent ids."""
+    """Everything the events left (payments, charges, entitlements, outbox, ledger), with the ids a
+    database makes itself replaced by PaymentIntent ids."""
     payments = await rows(conn, "SELECT * FROM payments WHERE stripe_payment_intent_id = ANY(%s)", intents)
     pi_of = {str(p["id"]): p["stripe_payment_intent_id"] for p in payments}
     made = ("id", "created_at", "updated_at")
@@ -105,6 +112,7 @@ async def state(conn: Conn, intents: list[str], event_ids: list[str], since: int
     ledger = await rows(
         conn, "SELECT id, outcome, user_id::text FROM stripe_events WHERE id = ANY(%s)", event_ids
     )
+    charges = await rows(conn, "SELECT * FROM charges WHERE stripe_payment_intent_id = ANY(%s)", intents)
     return {
         "payments": {
             p["stripe_payment_intent_id"]: {k: v for k, v in p.items() if k not in made} for p in payments
@@ -115,6 +123,7 @@ async def state(conn: Conn, intents: list[str], event_ids: list[str], since: int
         ),
         "outbox": announced,
         "ledger": {r["id"]: (r["outcome"], r["user_id"]) for r in ledger},
+        "charges": {c["id"]: {k: v for k, v in c.items() if k not in made} for c in charges},
     }
 
 
@@ -127,8 +136,8 @@ async def test_intent_chains_applied_as_sets_end_as_one_event_at_a_time(
     batched: tuple[EventBatcher, Conn], twin: str
 ) -> None:
     batcher, conn = batched
-    ids = {name: samples.new_id("pi") for name in "ABCDEFGHIJK"}
-    users = {name: user() for name in "ABCDEFGHIJK"}
+    ids = {name: samples.new_id("pi") for name in "ABCDEFGHIJKLMNO"}
+    users = {name: user() for name in "ABCDEFGHIJKLMNO"}
     customer_h, customer_j, customer_f = samples.new_id("cus"), samples.new_id("cus"), samples.new_id("cus")
 
     def pi(name: str, event_type: str, step: int, **kw: Any) -> dict[str, Any]:
@@ -136,13 +145,19 @@ async def test_intent_chains_applied_as_sets_end_as_one_event_at_a_time(
         return intent_event(event_type, ids[name], step, **kw)
 
     # Already applied before the batch, in both databases.
-    charge = samples.charge(intent_id=ids["G"])
+    charge = samples.charge(intent_id=ids["G"], amount_refunded=10000)  # refunded in part before G's payment
+
+    def charge_event(name: str, event_type: str, step: int, refunded: int = 0) -> dict[str, Any]:
+        obj = samples.charge(charge_id=f"ch_{ids[name][3:]}", intent_id=ids[name], amount_refunded=refunded)
+        return samples.event(event_type, obj, created=T + step)
+
     before = [
         pi("E", "payment_intent.created", 0),  # an open payment the batch makes succeed
         pi("K", "payment_intent.payment_failed", 0),  # a failed one the batch makes succeed
         pi("F", "payment_intent.succeeded", 0),  # a succeeded one: its entitlements exist
         samples.event("charge.succeeded", charge, created=T),  # a charge waiting for G's payment
         samples.event("customer.created", samples.customer(customer_id=customer_h, user_id=users["H"])),
+        samples.event("refund.created", samples.refund(intent_id=ids["O"]), created=T),  # before O's payment
     ]
     succeeded_a = pi("A", "payment_intent.succeeded", 1)
     batch = [
@@ -162,6 +177,16 @@ async def test_intent_chains_applied_as_sets_end_as_one_event_at_a_time(
         pi("J", "payment_intent.created", 0),
         pi("J", "payment_intent.succeeded", 1, customer=customer_j),  # learns its customer
         pi("K", "payment_intent.succeeded", 1),
+        pi("L", "payment_intent.created", 0),
+        charge_event("L", "charge.succeeded", 1),  # a charge between its PaymentIntent's events
+        pi("L", "payment_intent.succeeded", 1),
+        pi("M", "payment_intent.succeeded", 1),
+        charge_event("M", "charge.succeeded", 1),  # after the success: settles to the same row
+        m_updated := charge_event("M", "charge.updated", 1),  # says nothing new: stale
+        pi("N", "payment_intent.succeeded", 1),
+        charge_event("N", "charge.refunded", 2, refunded=49900),  # a full refund: per event
+        pi("O", "payment_intent.created", 0),  # its refund came first: per event
+        pi("O", "payment_intent.succeeded", 1),
     ]
     intents = list(ids.values())
     event_ids = [e["id"] for e in batch]
@@ -174,14 +199,14 @@ async def test_intent_chains_applied_as_sets_end_as_one_event_at_a_time(
 
         results = await asyncio.gather(*(batcher(Delivery(samples.encode(e))) for e in batch))  # type: ignore[arg-type]
         assert results == [None] * len(batch)
-        assert batcher.batches == 1 and batcher.intent_chains == 9  # all but F's and G's chains
+        assert batcher.batches == 1 and batcher.intent_chains == 11  # all but F's, G's, N's and O's chains
 
         one_by_one = [await deliver(alone, e) for e in batch]
         expected = await state(alone, intents, event_ids, since_alone)
         assert await state(conn, intents, event_ids, since_batched) == expected
 
     # What the per-event path did, so the comparison above compares something.
-    assert one_by_one.count("duplicate") == 1 and one_by_one.count("stale") == 1
+    assert one_by_one.count("duplicate") == 1 and one_by_one.count("stale") == 2
     assert expected["ledger"][batch[6]["id"]] == ("stale", users["D"])
     assert expected["ledger"][batch[10]["id"]] == ("applied", users["H"])
     payments = expected["payments"]
@@ -189,8 +214,10 @@ async def test_intent_chains_applied_as_sets_end_as_one_event_at_a_time(
     assert payments[ids["F"]]["stripe_customer_id"] == customer_f
     assert payments[ids["J"]]["stripe_customer_id"] == customer_j
     assert payments[ids["K"]]["status"] == "succeeded" and payments[ids["K"]]["last_error"] is None
+    assert payments[ids["O"]]["amount_refunded"] == 10000  # the refund that came first, folded in
+    assert one_by_one[batch.index(m_updated)] == "stale"
     granted = {(e["source_id"], e["feature"], e["active"]) for e in expected["entitlements"]}
-    assert {(ids[n], True) for n in "ACDEFGHJK"} == {(s, a) for s, _, a in granted}
+    assert {(ids[n], True) for n in "ACDEFGHJKLMO"} | {(ids["N"], False)} == {(s, a) for s, _, a in granted}
     assert [p["type"] for p in expected["outbox"][ids["A"]]] == ["payment.succeeded", "entitlement.granted"]
     assert [p["type"] for p in expected["outbox"][ids["B"]]] == ["payment.failed"]
     assert ids["F"] not in expected["outbox"]  # learning a customer announces nothing
@@ -198,20 +225,27 @@ async def test_intent_chains_applied_as_sets_end_as_one_event_at_a_time(
 
 @st.composite
 def journeys(draw: st.DrawFn) -> dict[str, Any]:
-    """A few PaymentIntents, each with a state before the batch, a user by some route, and 1-4 events;
-    the batch delivers their events in a drawn order, with a few delivered twice."""
+    """A few PaymentIntents, each with a state before the batch, a user by some route, and 1-4 events of
+    its own or of its two charges; the batch delivers them in a drawn order, a few of them twice."""
     plans = []
     for _ in range(draw(st.integers(1, 6))):
         plans.append(
             {
-                "before": draw(st.sampled_from(["none", "open", "failed", "succeeded", "charge"])),
+                "before": draw(
+                    st.sampled_from(["none", "open", "failed", "succeeded", "charge", "refunded charge"])
+                ),
                 "who": draw(
                     st.sampled_from(["metadata", "metadata+customer", "mapped", "unmapped", "nobody"])
                 ),
                 "product": draw(st.sampled_from(["course_bundle", "lifetime_reports", None])),
                 "events": draw(
                     st.lists(
-                        st.tuples(st.sampled_from(sorted(STATUS_BY_EVENT)), st.integers(0, 3), st.booleans()),
+                        st.tuples(
+                            st.sampled_from([*sorted(STATUS_BY_EVENT), *CHARGE_EVENTS]),
+                            st.integers(0, 3),
+                            st.booleans(),  # a PaymentIntent event names the customer; a charge is the second
+                            st.sampled_from([0, 0, 10000, 49900]),  # a charge's refunded amount
+                        ),
                         min_size=1,
                         max_size=4,
                     )
@@ -249,9 +283,11 @@ async def test_any_intent_batch_ends_as_one_event_at_a_time(
                 samples.event("customer.created", samples.customer(customer_id=customer, user_id=person))
             )
         kw = {"user_id": person if named else None, "product": plan["product"]}
-        if plan["before"] == "charge":
-            charge = samples.charge(intent_id=intent, amount_refunded=10000)  # refunded in part already
-            before.append(samples.event("charge.refunded", charge, created=T))
+        charge_ids = [f"ch_{intent[3:]}", f"ch_{intent[3:]}x"]
+        if plan["before"] in ("charge", "refunded charge"):
+            refunded = 10000 if plan["before"] == "refunded charge" else 0
+            charge = samples.charge(charge_id=charge_ids[0], intent_id=intent, amount_refunded=refunded)
+            before.append(samples.event("charge.updated", charge, created=T))
         elif plan["before"] != "none":
             event_type = {
                 "open": "payment_intent.created",
@@ -259,8 +295,15 @@ async def test_any_intent_batch_ends_as_one_event_at_a_time(
                 "succeeded": "payment_intent.succeeded",
             }[plan["before"]]
             before.append(intent_event(event_type, intent, 0, **kw))
-        for n, (event_type, step, names_customer) in enumerate(plan["events"]):
-            customer_here = customer if with_customer and (names_customer or not named) else None
+        for n, (event_type, step, flag, refunded) in enumerate(plan["events"]):
+            if event_type in CHARGE_EVENTS:
+                status = "failed" if event_type == "charge.failed" else "succeeded"
+                obj = samples.charge(
+                    charge_id=charge_ids[flag], intent_id=intent, amount_refunded=refunded, status=status
+                )
+                built[k, n] = samples.event(event_type, obj, created=T + step)
+                continue
+            customer_here = customer if with_customer and (flag or not named) else None
             built[k, n] = intent_event(event_type, intent, step, customer=customer_here, attempt=n, **kw)
     batch = [built[ref] for ref in journey["order"]]
     event_ids = [e["id"] for e in batch]
