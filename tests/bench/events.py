@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -34,7 +34,9 @@ class Template:
     object_prefix: str
     parts: str
 
-    def render(self, *, object_id: str, user_id: str, created: int) -> tuple[str, bytes]:
+    def render(
+        self, *, object_id: str, user_id: str, created: int, refs: Mapping[str, str] | None = None
+    ) -> tuple[str, bytes]:
         event_id = "evt_" + os.urandom(12).hex()
         values = {
             "evt": event_id,
@@ -45,13 +47,18 @@ class Template:
             "cus": "cus_" + os.urandom(12).hex(),
             "user": user_id,
             "created": created,
+            **(refs or {}),
         }
         return event_id, (self.parts % values).encode()
 
 
-def template(event_type: str) -> Template:
+def template(event_type: str, *, of_intent: bool = False) -> Template:
+    """``of_intent``: a charge event naming a PaymentIntent, given as ``refs={"pi": ...}`` to `render`."""
     event = samples.sample_event(event_type, user_id=_USER, created=1000000001)
     obj = event["data"]["object"]
+    if of_intent:
+        obj["payment_intent"] = _PI
+        obj["status"] = "failed" if event_type == "charge.failed" else "succeeded"
     prefix = str(obj["id"]).split("_", 1)[0]
     obj["id"] = _OBJ
     if event_type.startswith("payment_intent."):
@@ -100,13 +107,15 @@ def succeeded(count: int, created: int | None = None) -> Iterator[bytes]:
         )[1]
 
 
-# One "journey" of the drain mix: what a shop's event stream looks like (most PaymentIntents are created
-# and then succeed; some fail; checkout, subscription, invoice, refund and customer events ride along).
+# One "journey" of the drain mix: what a shop's event stream looks like. Most PaymentIntents are created
+# and then succeed, some fail; Stripe sends each card attempt's charge event (charge.succeeded,
+# charge.failed) beside the PaymentIntent's, naming it. Checkout, subscription, invoice, refund and
+# customer events ride along.
 JOURNEY: Final = (
-    ("payment_intent.created", "payment_intent.succeeded"),
-    ("payment_intent.created", "payment_intent.succeeded"),
-    ("payment_intent.requires_action", "payment_intent.payment_failed"),
-    ("payment_intent.succeeded",),
+    ("payment_intent.created", "charge.succeeded", "payment_intent.succeeded"),
+    ("payment_intent.created", "charge.succeeded", "payment_intent.succeeded"),
+    ("payment_intent.requires_action", "charge.failed", "payment_intent.payment_failed"),
+    ("payment_intent.succeeded", "charge.succeeded"),
     ("checkout.session.completed",),
     ("customer.subscription.updated",),
     ("invoice.paid",),
@@ -116,16 +125,30 @@ JOURNEY: Final = (
 
 
 def mixed(count: int) -> list[tuple[str, str, bytes]]:
-    """``count`` events of the drain mix as (event id, type, body); a journey shares object and user."""
-    templates = {t: template(t) for journey in JOURNEY for t in journey}
+    """``count`` events of the drain mix as (event id, type, body); a journey shares object and user,
+    and a PaymentIntent's charge events name it."""
+    templates = {
+        (t, journey[0].startswith("payment_intent.") and t.startswith("charge.")): None
+        for journey in JOURNEY
+        for t in journey
+    }
+    built = {key: template(key[0], of_intent=key[1]) for key in templates}
     now = int(time.time())
     out: list[tuple[str, str, bytes]] = []
     while len(out) < count:
         for journey in JOURNEY:
             user = str(uuid.UUID(bytes=os.urandom(16), version=4))
-            obj = object_id(templates[journey[0]].object_prefix)
+            obj = object_id(built[journey[0], False].object_prefix)
             for step, event_type in enumerate(journey):
-                event_id, body = templates[event_type].render(object_id=obj, user_id=user, created=now + step)
+                of_intent = journey[0].startswith("payment_intent.") and event_type.startswith("charge.")
+                if of_intent:
+                    event_id, body = built[event_type, True].render(
+                        object_id=object_id("ch"), user_id=user, created=now + step, refs={"pi": obj}
+                    )
+                else:
+                    event_id, body = built[event_type, False].render(
+                        object_id=obj, user_id=user, created=now + step
+                    )
                 out.append((event_id, event_type, body))
     return out[:count]
 

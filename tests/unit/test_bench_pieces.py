@@ -33,11 +33,14 @@ def test_bench_events_are_unique_signed_stripe_events(tmp_path: Path) -> None:
 
 def test_drain_mix_keeps_a_journey_on_one_object_and_user() -> None:
     mix = events.mixed(len(events.JOURNEY[0]) + 1)
-    first, second = (json.loads(body) for _, _, body in mix[:2])
-    assert [first["type"], second["type"]] == list(events.JOURNEY[0])
-    assert first["data"]["object"]["id"] == second["data"]["object"]["id"]
-    assert first["data"]["object"]["metadata"] == second["data"]["object"]["metadata"]
-    assert second["created"] > first["created"]
+    created, charge, succeeded = (json.loads(body) for _, _, body in mix[:3])
+    assert [created["type"], charge["type"], succeeded["type"]] == list(events.JOURNEY[0])
+    assert created["data"]["object"]["id"] == succeeded["data"]["object"]["id"]
+    assert charge["data"]["object"]["payment_intent"] == created["data"]["object"]["id"]  # as Stripe sends it
+    assert charge["data"]["object"]["id"].startswith("ch_")
+    assert created["data"]["object"]["metadata"] == succeeded["data"]["object"]["metadata"]
+    assert charge["data"]["object"]["metadata"]["user_id"] == created["data"]["object"]["metadata"]["user_id"]
+    assert created["created"] < charge["created"] < succeeded["created"]
     assert len({event_id for event_id, _, _ in events.mixed(300)}) == 300
 
 
