@@ -132,6 +132,32 @@ async def last_seq(conn: Conn) -> int:
     return int(found[0]["seq"])
 
 
+async def both_ways(
+    batcher: EventBatcher,
+    conn: Conn,
+    twin: str,
+    before: list[dict[str, Any]],
+    batch: list[dict[str, Any]],
+    intents: list[str],
+) -> tuple[dict[str, Any], list[str]]:
+    """Deliver ``before`` to both databases, then ``batch`` as one batch here and one event at a time on
+    the twin; both must end alike. Returns the twin's state and outcomes."""
+    event_ids = [e["id"] for e in batch]
+    async with await psycopg.AsyncConnection.connect(twin, autocommit=True) as alone:
+        for envelope in before:
+            await deliver(conn, envelope)
+            await deliver(alone, envelope)
+        since_batched, since_alone = await last_seq(conn), await last_seq(alone)
+        batches = batcher.batches
+        results = await asyncio.gather(*(batcher(Delivery(samples.encode(e))) for e in batch))  # type: ignore[arg-type]
+        assert results == [None] * len(batch)
+        assert batcher.batches == batches + (len(batch) > 1)  # one shared transaction, not a fallback
+        one_by_one: list[str] = [await deliver(alone, e) for e in batch]
+        expected = await state(alone, intents, event_ids, since_alone)
+        assert await state(conn, intents, event_ids, since_batched) == expected
+    return expected, one_by_one
+
+
 async def test_intent_chains_applied_as_sets_end_as_one_event_at_a_time(
     batched: tuple[EventBatcher, Conn], twin: str
 ) -> None:
@@ -188,22 +214,9 @@ async def test_intent_chains_applied_as_sets_end_as_one_event_at_a_time(
         pi("O", "payment_intent.created", 0),  # its refund came first: per event
         pi("O", "payment_intent.succeeded", 1),
     ]
-    intents = list(ids.values())
-    event_ids = [e["id"] for e in batch]
-
-    async with await psycopg.AsyncConnection.connect(twin, autocommit=True) as alone:
-        for envelope in before:
-            await deliver(conn, envelope)
-            await deliver(alone, envelope)
-        since_batched, since_alone = await last_seq(conn), await last_seq(alone)
-
-        results = await asyncio.gather(*(batcher(Delivery(samples.encode(e))) for e in batch))  # type: ignore[arg-type]
-        assert results == [None] * len(batch)
-        assert batcher.batches == 1 and batcher.intent_chains == 11  # all but F's, G's, N's and O's chains
-
-        one_by_one = [await deliver(alone, e) for e in batch]
-        expected = await state(alone, intents, event_ids, since_alone)
-        assert await state(conn, intents, event_ids, since_batched) == expected
+    taken = batcher.intent_chains
+    expected, one_by_one = await both_ways(batcher, conn, twin, before, batch, list(ids.values()))
+    assert batcher.intent_chains - taken == 11  # all but F's, G's, N's and O's chains
 
     # What the per-event path did, so the comparison above compares something.
     assert one_by_one.count("duplicate") == 1 and one_by_one.count("stale") == 2
@@ -306,17 +319,4 @@ async def test_any_intent_batch_ends_as_one_event_at_a_time(
             customer_here = customer if with_customer and (flag or not named) else None
             built[k, n] = intent_event(event_type, intent, step, customer=customer_here, attempt=n, **kw)
     batch = [built[ref] for ref in journey["order"]]
-    event_ids = [e["id"] for e in batch]
-
-    async with await psycopg.AsyncConnection.connect(twin, autocommit=True) as alone:
-        for envelope in before:
-            await deliver(conn, envelope)
-            await deliver(alone, envelope)
-        since_batched, since_alone = await last_seq(conn), await last_seq(alone)
-        batches = batcher.batches
-        await asyncio.gather(*(batcher(Delivery(samples.encode(e))) for e in batch))  # type: ignore[arg-type]
-        assert batcher.batches == batches + (len(batch) > 1)  # one shared transaction, not a fallback
-        for envelope in batch:
-            await deliver(alone, envelope)
-        expected = await state(alone, intents, event_ids, since_alone)
-        assert await state(conn, intents, event_ids, since_batched) == expected
+    await both_ways(batcher, conn, twin, before, batch, intents)
