@@ -13,9 +13,10 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from ingress.signature import signature_header
+from processor.chains import ID_PREFIXES
 from shared import samples
 
 _EVT: Final = "evt_BENCHEVTBENCHEVTBENCHEV"
@@ -33,6 +34,7 @@ class Template:
     type: str
     object_prefix: str
     parts: str
+    refs: tuple[str, ...] = ()  # the kinds of the other ids it names, each new per event (`ref0`, ...)
 
     def render(
         self, *, object_id: str, user_id: str, created: int, refs: Mapping[str, str] | None = None
@@ -47,6 +49,7 @@ class Template:
             "cus": "cus_" + os.urandom(12).hex(),
             "user": user_id,
             "created": created,
+            **{f"ref{n}": f"{kind}_{os.urandom(12).hex()}" for n, kind in enumerate(self.refs)},
             **(refs or {}),
         }
         return event_id, (self.parts % values).encode()
@@ -74,6 +77,13 @@ def template(event_type: str, *, of_intent: bool = False) -> Template:
         obj["payment_intent"] = _PI
     if isinstance(obj.get("customer"), str):
         obj["customer"] = _CUS
+    # The fixture's other ids go too: a subscription's items name the fixture's subscription and an
+    # invoice's lines its invoice (the object itself), and a subscription names its latest invoice.
+    # Left as they are, every subscription of a batch, and every invoice, would share one id and so one
+    # chain, applied one after the other. Ids of the object's own kind become the object's id; the
+    # others a new id per event.
+    others: dict[str, str] = {}
+    obj.update(_own_ids(obj, prefix, others))
     event["id"] = _EVT
     event["request"] = {"id": _REQ, "idempotency_key": _USER}
     text = samples.encode(event).decode().replace("%", "%%")
@@ -87,8 +97,29 @@ def template(event_type: str, *, of_intent: bool = False) -> Template:
         (_CUS, "cus"),
     ):
         text = text.replace(token, f"%({key})s")
+    for n, token in enumerate(others.values()):
+        text = text.replace(token, f"%(ref{n})s")
     text = text.replace('"created":1000000001', '"created":%(created)d')
-    return Template(event_type, prefix, text)
+    return Template(event_type, prefix, text, tuple(fixture_id.split("_", 1)[0] for fixture_id in others))
+
+
+_TOKENS: Final = (_EVT, _OBJ, _CH, _REQ, _PI, _CUS)
+
+
+def _own_ids(value: Any, prefix: str, others: dict[str, str]) -> Any:
+    """``value`` with every fixture id of a kind paybus keeps replaced (see `template`)."""
+    if isinstance(value, dict):
+        return {k: (v if k == "id" and v == _OBJ else _own_ids(v, prefix, others)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_own_ids(v, prefix, others) for v in value]
+    if not isinstance(value, str) or value in _TOKENS or "_secret_" in value:
+        return value
+    kind, _, rest = value.partition("_")
+    if kind not in ID_PREFIXES or not rest.isalnum():
+        return value
+    if kind == prefix:
+        return _OBJ
+    return others.setdefault(value, f"{kind}_BENCHREF{len(others)}BENCHREF")
 
 
 def object_id(prefix: str) -> str:
@@ -139,15 +170,16 @@ def mixed(count: int) -> list[tuple[str, str, bytes]]:
         for journey in JOURNEY:
             user = str(uuid.UUID(bytes=os.urandom(16), version=4))
             obj = object_id(built[journey[0], False].object_prefix)
+            charge = object_id("ch")  # a PaymentIntent's charge: its events' id, its `latest_charge`
             for step, event_type in enumerate(journey):
                 of_intent = journey[0].startswith("payment_intent.") and event_type.startswith("charge.")
                 if of_intent:
                     event_id, body = built[event_type, True].render(
-                        object_id=object_id("ch"), user_id=user, created=now + step, refs={"pi": obj}
+                        object_id=charge, user_id=user, created=now + step, refs={"pi": obj}
                     )
                 else:
                     event_id, body = built[event_type, False].render(
-                        object_id=obj, user_id=user, created=now + step
+                        object_id=obj, user_id=user, created=now + step, refs={"ch": charge}
                     )
                 out.append((event_id, event_type, body))
     return out[:count]

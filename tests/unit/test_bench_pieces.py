@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 from ingress.signature import verify
+from processor.chains import split
+from processor.events import decode_event
 from shared.envelope import decode_envelope
 from tests.bench import events
 from tests.bench.harness import LoadResult
@@ -42,6 +44,15 @@ def test_drain_mix_keeps_a_journey_on_one_object_and_user() -> None:
     assert charge["data"]["object"]["metadata"]["user_id"] == created["data"]["object"]["metadata"]["user_id"]
     assert created["created"] < charge["created"] < succeeded["created"]
     assert len({event_id for event_id, _, _ in events.mixed(300)}) == 300
+
+
+def test_drain_mix_journeys_share_no_object() -> None:
+    """Two cycles of the mix split into one chain per journey: no fixture id ties journeys together (a
+    subscription's items naming the fixture's subscription once put every subscription in one chain)."""
+    cycle = sum(len(journey) for journey in events.JOURNEY)
+    mix = events.mixed(2 * cycle)
+    chains = split([decode_event(body) for _, _, body in mix])
+    assert len(chains) == 2 * len(events.JOURNEY)
 
 
 def test_profile_summary_ranks_self_and_total_time(tmp_path: Path) -> None:
