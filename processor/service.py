@@ -180,7 +180,12 @@ async def serve(settings: Settings, event_handlers: dict[str, Handler] | None = 
         await asyncio.gather(events.stop(), requests.consumer.stop())
         if events.acks is not None:
             log.info("events acked: %d messages in %d ack frames", events.acks.acked, events.acks.frames)
-        log.info("event batches: %d, %d applied again in order", batcher.batches, batcher.entangled)
+        log.info(
+            "event batches: %d, %d applied again in order; %d PaymentIntent chains applied as sets",
+            batcher.batches,
+            batcher.entangled,
+            batcher.intent_chains,
+        )
         consuming.cancel()
         answering.cancel()
         relay.stop()
