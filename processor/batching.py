@@ -11,8 +11,9 @@ Inside the transaction the batch is split into chains (`processor.chains`): even
 object or user are applied one after the other, in delivery order, and the chains side by side, so
 their statements share round trips. If two chains reach the same object all the same (a refund that
 names only its charge), the batch stops and runs again with every event in order (`Entangled`).
-Before the chains run, those made only of one PaymentIntent's payment_intent.* events are applied as
-sets (`processor.events.intent_batch`): a few statements for all of them instead of ~4 per event.
+Before the chains run, those made only of one PaymentIntent's events and its charges' events are
+applied as sets (`processor.events.intent_batch`): a few statements for all of them instead of ~4 per
+event.
 
 A batch commits as a whole; if any message in it fails (poison, bad payload, lock conflict, bug), the
 batch rolls back and every message is processed alone in its own transaction, where the failure
