@@ -53,34 +53,34 @@ async def settle_intent(
 
 async def on_charge(conn: AsyncConnection[Any], event: Event, ctx: Context) -> Applied:
     snapshot = charge_snapshot(event)
-    changed, _, _ = await objects.upsert(conn, "charges", snapshot.pop("object_id"), **snapshot)
+    changed, _, _ = await objects.upsert(conn, "charges", snapshot)
     if not changed:
         return Applied("stale")
-    intent = snapshot["learned"]["stripe_payment_intent_id"]
+    intent = snapshot.learned["stripe_payment_intent_id"]
     user = await settle_intent(conn, intent, ctx, datetime.fromtimestamp(event.created, UTC))
     return Applied("applied", user)
 
 
-def charge_snapshot(event: Event) -> dict[str, Any]:
-    """The arguments of `objects.upsert` (and `objects.decide`) for a charge.* event."""
+def charge_snapshot(event: Event) -> objects.Snapshot:
+    """What a charge.* event says about its charge row."""
     charge = event.object(Charge)
-    return {
-        "object_id": charge.id,
-        "status": charge.status,
-        "created": event.created,
-        "ranks": STATUS_RANK,
-        "terminal": TERMINAL,
-        "fields": {
+    return objects.Snapshot(
+        object_id=charge.id,
+        status=charge.status,
+        created=event.created,
+        ranks=STATUS_RANK,
+        terminal=TERMINAL,
+        fields={
             "amount": charge.amount,
             "currency": (charge.currency or "").lower() or None,
             "failure_code": charge.failure_code,
         },
-        "monotone": {"amount_refunded": charge.amount_refunded},
-        "learned": {
+        monotone={"amount_refunded": charge.amount_refunded},
+        learned={
             "stripe_payment_intent_id": ref(charge.payment_intent),
             "stripe_customer_id": customer_id(event.data.object),
         },
-    }
+    )
 
 
 HANDLERS: Final[dict[str, Handler]] = {

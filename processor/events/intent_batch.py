@@ -35,7 +35,7 @@ from processor.outbox import emit
 from processor.statements import send
 from processor.store import payment_effects
 from processor.store.locks import Claims, lock_keys
-from processor.store.objects import decide
+from processor.store.objects import Snapshot, decide
 from processor.store.payments import PaymentUpdate, changes_to, new_row
 from shared.domain_events import DomainEvent
 
@@ -103,7 +103,7 @@ UPDATE payments p
 @dataclass
 class _Chain:
     number: int  # its place in the batch's chains (the `Claims` of the batch know it by this)
-    indexes: list[int]  # its events' places in the batch, in order
+    indexes: list[int]  # its new events' places in the batch, in order (duplicates left out)
     intent: str
     row: dict[str, Any] | None = None  # the payment row, as the chain's events leave it
     new: bool = False
@@ -155,7 +155,7 @@ async def apply_chains(
         return set(), {}
     # The payloads are checked before anything is locked or read, as on the per-event path.
     updates: dict[int, PaymentUpdate] = {}
-    snapshots: dict[int, dict[str, Any]] = {}
+    snapshots: dict[int, Snapshot] = {}
     for chain in candidates:
         for i in chain.indexes:
             if handlers[events[i].type] is on_charge:
@@ -167,7 +167,7 @@ async def apply_chains(
     for chain in candidates:
         named = sorted({c for i in chain.indexes if i in updates and (c := updates[i].stripe_customer_id)})
         own = [f"pi:{chain.intent}"] + [
-            f"charges:{snapshots[i]['object_id']}" for i in chain.indexes if i in snapshots
+            f"charges:{snapshots[i].object_id}" for i in chain.indexes if i in snapshots
         ]
         claims.claim(chain.number, [f"cus:{c}" for c in named], exclusive=False)
         claims.claim(chain.number, own)
@@ -177,7 +177,7 @@ async def apply_chains(
     await lock_keys(conn, sorted(f"cus:{c}" for c in customers), exclusive=False)
     await lock_keys(conn, sorted(set(objects)))
     intents = sorted(chain.intent for chain in candidates)
-    named_charges = sorted({snapshot["object_id"] for snapshot in snapshots.values()})
+    named_charges = sorted({snapshot.object_id for snapshot in snapshots.values()})
     keys = {"pi": intents, "ch": named_charges}
     rows_cur = await conn.cursor(row_factory=dict_row).execute(_ROWS, (intents,))
     charges_cur = await conn.cursor(row_factory=dict_row).execute(_CHARGES, keys)
@@ -198,7 +198,7 @@ async def apply_chains(
             charge_id: row
             for charge_id, row in charges.items()
             if row["stripe_payment_intent_id"] == chain.intent
-            or any(snapshots[i]["object_id"] == charge_id for i in chain.indexes if i in snapshots)
+            or any(snapshots[i].object_id == charge_id for i in chain.indexes if i in snapshots)
         }
         if any(pi == chain.intent or charge in chain.charges for pi, charge in refunded):
             continue
@@ -215,7 +215,7 @@ def _replay(
     chain: _Chain,
     events: list[Event],
     updates: dict[int, PaymentUpdate],
-    snapshots: dict[int, dict[str, Any]],
+    snapshots: dict[int, Snapshot],
     users: dict[str, str | None],
     ctx: Context,
 ) -> bool:
@@ -264,12 +264,11 @@ def _replay(
     return True
 
 
-def _charge(chain: _Chain, i: int, snapshot: dict[str, Any]) -> bool:
+def _charge(chain: _Chain, i: int, snapshot: Snapshot) -> bool:
     """A charge.* event, as `on_charge` applies it; False if it would move the payment (a refund)."""
-    snapshot = dict(snapshot)
-    charge_id = snapshot.pop("object_id")
+    charge_id = snapshot.object_id
     row = chain.charges.get(charge_id)
-    values = decide(row, charge_id, **snapshot)
+    values = decide(row, snapshot)
     if row is None:
         chain.charges[charge_id] = values
         chain.new_charges.add(charge_id)

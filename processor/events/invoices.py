@@ -104,10 +104,8 @@ async def on_invoice(conn: AsyncConnection[Any], event: Event, ctx: Context) -> 
         ).fetchone()
         user_id = row[0] if row else None
     start, end = service_period(invoice)
-    changed, _, after = await objects.upsert(
-        conn,
-        "invoices",
-        invoice.id,
+    snapshot = objects.Snapshot(
+        object_id=invoice.id,
         status=invoice.status or "draft",
         created=event.created,
         ranks=STATUS_RANK,
@@ -130,6 +128,7 @@ async def on_invoice(conn: AsyncConnection[Any], event: Event, ctx: Context) -> 
             "stripe_payment_intent_id": ref(invoice.payment_intent),
         },
     )
+    changed, _, after = await objects.upsert(conn, "invoices", snapshot)
     user = str(after["user_id"]) if after["user_id"] else None
     return Applied("applied" if changed else "stale", user)
 

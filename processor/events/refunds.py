@@ -73,10 +73,8 @@ async def apply_charge_child(
     """Guarded upsert of the child row, then fold it into its payment (refunded amount, dispute state)."""
     charge = ref(obj.charge)
     intent = ref(obj.payment_intent)
-    changed, _, _ = await objects.upsert(
-        conn,
-        table,
-        obj.id,
+    snapshot = objects.Snapshot(
+        object_id=obj.id,
         status=obj.status,
         created=event.created,
         ranks=ranks,
@@ -88,6 +86,7 @@ async def apply_charge_child(
         },
         learned={"stripe_payment_intent_id": intent, "stripe_charge_id": charge},
     )
+    changed, _, _ = await objects.upsert(conn, table, snapshot)
     if not changed:
         return Applied("stale")
     intent = intent or await intent_of_charge(conn, charge)

@@ -8,6 +8,7 @@ replaces the row when its ordering key wins (`processor.ordering`); `monotone` c
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -18,34 +19,29 @@ from processor.ordering import key_of, stored_key
 from processor.store.locks import lock_objects
 
 
+@dataclass(frozen=True, kw_only=True)
+class Snapshot:
+    """What one event says about one object of a simple table, and how its columns merge."""
+
+    object_id: str
+    status: str
+    created: int
+    ranks: Mapping[str, int]
+    terminal: frozenset[str]
+    fields: Mapping[str, Any]
+    monotone: Mapping[str, int] = field(default_factory=dict)
+    learned: Mapping[str, Any] = field(default_factory=dict)
+
+
 async def upsert(
-    conn: AsyncConnection[Any],
-    table: str,
-    object_id: str,
-    *,
-    status: str,
-    created: int,
-    ranks: Mapping[str, int],
-    terminal: frozenset[str],
-    fields: Mapping[str, Any],
-    monotone: Mapping[str, int] | None = None,
-    learned: Mapping[str, Any] | None = None,
+    conn: AsyncConnection[Any], table: str, snapshot: Snapshot
 ) -> tuple[bool, dict[str, Any] | None, dict[str, Any]]:
     """Apply one snapshot; return (changed, row before, row after). Takes the object's lock first."""
+    object_id = snapshot.object_id
     await lock_objects(conn, f"{table}:{object_id}")
     cur = conn.cursor(row_factory=dict_row)
     row = await (await cur.execute(_select(table), (object_id,))).fetchone()
-    values = decide(
-        row,
-        object_id,
-        status=status,
-        created=created,
-        ranks=ranks,
-        terminal=terminal,
-        fields=fields,
-        monotone=monotone,
-        learned=learned,
-    )
+    values = decide(row, snapshot)
     if row is None:
         after = await (await cur.execute(_insert(table, tuple(values)), values)).fetchone()
         assert after is not None
@@ -57,33 +53,26 @@ async def upsert(
     return True, row, after
 
 
-def decide(
-    row: Mapping[str, Any] | None,
-    object_id: str,
-    *,
-    status: str,
-    created: int,
-    ranks: Mapping[str, int],
-    terminal: frozenset[str],
-    fields: Mapping[str, Any],
-    monotone: Mapping[str, int] | None = None,
-    learned: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+def decide(row: Mapping[str, Any] | None, snapshot: Snapshot) -> dict[str, Any]:
     """What one snapshot writes: every column of a new row (``row`` None), else the columns it changes
     (empty if none). Pure, so that a batch can apply snapshots to rows held in memory."""
-    monotone = monotone or {}
-    learned = learned or {}
-    new_key = key_of(status, created, ranks, terminal)
-    guarded = {**fields, "status": status, "status_event_created": created, "status_rank": new_key.rank}
+    new_key = key_of(snapshot.status, snapshot.created, snapshot.ranks, snapshot.terminal)
+    guarded = {
+        **snapshot.fields,
+        "status": snapshot.status,
+        "status_event_created": snapshot.created,
+        "status_rank": new_key.rank,
+    }
     if row is None:
-        return {**learned, **guarded, **monotone, "id": object_id}
+        return {**snapshot.learned, **guarded, **snapshot.monotone, "id": snapshot.object_id}
     changes: dict[str, Any] = {}
-    if new_key > stored_key(row["status"], row["status_event_created"], row["status_rank"], terminal):
+    stored = stored_key(row["status"], row["status_event_created"], row["status_rank"], snapshot.terminal)
+    if new_key > stored:
         changes.update({k: v for k, v in guarded.items() if row[k] != v})
-    for name, value in monotone.items():
+    for name, value in snapshot.monotone.items():
         if value > row[name]:
             changes[name] = value
-    for name, value in learned.items():
+    for name, value in snapshot.learned.items():
         if row[name] is None and value is not None:
             changes[name] = value
     return changes
