@@ -24,6 +24,7 @@ from processor.context import Context
 from processor.events import Handler, handlers
 from processor.outbox import OutboxRelay
 from processor.pipeline import EventPipeline
+from processor.pooling import IdleCheck
 from processor.requests.runner import RequestService, open_request_service
 from shared.amqp import DEAD_LETTER_QUEUE, EVENTS_QUEUE, REQUESTS_QUEUE, declare_topology, topology
 from shared.config import Settings
@@ -93,6 +94,7 @@ async def serve(settings: Settings, event_handlers: dict[str, Handler] | None = 
     trace.set_tracer_provider(provider)
     tracer = provider.get_tracer("paybus.processor")
     metrics = ProcessorMetrics()
+    idle_check = IdleCheck()
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         settings.database_url,
         min_size=2,
@@ -102,7 +104,9 @@ async def serve(settings: Settings, event_handlers: dict[str, Handler] | None = 
         kwargs={"autocommit": True},
         configure=plan_each_execution,
         # after a Postgres restart every pooled connection is dead: test on checkout, not on a message
-        check=AsyncConnectionPool.check_connection,
+        # (`processor.pooling`: only a connection that sat idle)
+        check=idle_check.check,
+        reset=idle_check.reset,
     )
     await pool.open(wait=False)
     connection = await aio_pika.connect_robust(
