@@ -10,6 +10,7 @@ from opentelemetry import trace
 from ingress.app import create_app
 from ingress.publisher import Publisher
 from ingress.workers import Workers, is_worker
+from shared import heap
 from shared.config import Settings
 from shared.loops import loop_factory, loop_name
 from shared.telemetry import PropagatingTracer, export_configured, setup_tracing, shutdown_tracing
@@ -31,6 +32,10 @@ def run(settings: Settings) -> int:
     publisher = Publisher(settings.amqp_url, settings.publish_timeout, declare=settings.declare_topology)
     app = create_app(settings, publisher, tracer=tracer)
     loop = loop_factory(settings.event_loop)()
+
+    async def settled(app: web.Application) -> None:
+        heap.settle()  # in each process, once its app has started
+
     workers = None
     if settings.ingress_workers > 1:
 
@@ -41,6 +46,7 @@ def run(settings: Settings) -> int:
             await publisher.wait_connected(CONNECT_BEFORE_LISTEN)
 
         app.on_startup.append(connected_first)
+    app.on_startup.append(settled)
     if not is_worker():
         if settings.ingress_workers > 1:
             workers = Workers(settings.ingress_workers - 1)

@@ -26,6 +26,7 @@ from processor.outbox import OutboxRelay
 from processor.pipeline import EventPipeline
 from processor.pooling import IdleCheck
 from processor.requests.runner import RequestService, open_request_service
+from shared import heap
 from shared.amqp import DEAD_LETTER_QUEUE, EVENTS_QUEUE, REQUESTS_QUEUE, declare_topology, topology
 from shared.config import Settings
 from shared.loops import loop_factory, loop_name
@@ -169,6 +170,7 @@ async def serve(settings: Settings, event_handlers: dict[str, Handler] | None = 
             settings.metrics_port,
             loop_name(asyncio.get_running_loop()),
         )
+        heap.settle()
         background.append(asyncio.create_task(_watch_queues(setup, metrics)))
         consuming = asyncio.create_task(events.run())
         answering = asyncio.create_task(requests.consumer.run())
