@@ -29,12 +29,29 @@ class Customer(msgspec.Struct, frozen=True):
     name: str | None = None
 
 
+# Unless the user already has another customer (`user_id` is unique).
 _MAP: Final = """
-INSERT INTO stripe_customers (stripe_customer_id, user_id) VALUES (%s, %s)
+INSERT INTO stripe_customers (stripe_customer_id, user_id)
+SELECT %(customer)s, %(user)s
+ WHERE NOT EXISTS (SELECT 1 FROM stripe_customers
+                    WHERE user_id = %(user)s AND stripe_customer_id <> %(customer)s)
 ON CONFLICT (stripe_customer_id)
 DO UPDATE SET user_id = EXCLUDED.user_id, updated_at = now()
  WHERE stripe_customers.user_id IS NULL
 RETURNING 1
+"""
+# The customer's unmapped rows of all three tables, linked in one statement.
+_LINK: Final = """
+WITH p AS (UPDATE payments SET user_id = %(user)s, updated_at = now()
+            WHERE stripe_customer_id = %(customer)s AND user_id IS NULL
+           RETURNING id::text, stripe_payment_intent_id, stripe_checkout_session_id),
+     s AS (UPDATE subscriptions SET user_id = %(user)s, updated_at = now()
+            WHERE stripe_customer_id = %(customer)s AND user_id IS NULL RETURNING id),
+     i AS (UPDATE invoices SET user_id = %(user)s, updated_at = now()
+            WHERE stripe_customer_id = %(customer)s AND user_id IS NULL RETURNING id)
+SELECT 'payment', id, stripe_payment_intent_id, stripe_checkout_session_id FROM p
+UNION ALL SELECT 'subscription', id, NULL, NULL FROM s
+UNION ALL SELECT 'invoice', id, NULL, NULL FROM i
 """
 
 
@@ -48,21 +65,16 @@ async def map_customer(
     its rows are still linked (the event said whose they are).
     """
     changed = False
-    taken = await (
-        await conn.execute(
-            "SELECT 1 FROM stripe_customers WHERE user_id = %s AND stripe_customer_id <> %s",
-            (user_id, customer),
-        )
-    ).fetchone()
-    if taken is None and shared_transaction():
+    params = {"customer": customer, "user": user_id}
+    if shared_transaction():
         # No savepoint: it would undo the other chains' work too. If another transaction maps this user
         # to another customer meanwhile, the unique violation fails the batch, which then applies each
         # event alone, with the savepoint below.
-        changed = await (await conn.execute(_MAP, (customer, user_id))).fetchone() is not None
-    elif taken is None:
+        changed = await (await conn.execute(_MAP, params)).fetchone() is not None
+    else:
         try:
             async with conn.transaction():  # a concurrent mapping of this user to another customer may win
-                changed = await (await conn.execute(_MAP, (customer, user_id))).fetchone() is not None
+                changed = await (await conn.execute(_MAP, params)).fetchone() is not None
         except psycopg.errors.UniqueViolation:
             pass
     return await link_orphans(conn, customer, user_id, ctx, at) or changed
@@ -71,40 +83,22 @@ async def map_customer(
 async def link_orphans(
     conn: AsyncConnection[Any], customer: str, user_id: str, ctx: Context, at: datetime
 ) -> bool:
-    rows = await (
-        await conn.execute(
-            "UPDATE payments SET user_id = %s, updated_at = now()"
-            " WHERE stripe_customer_id = %s AND user_id IS NULL"
-            " RETURNING id, stripe_payment_intent_id, stripe_checkout_session_id",
-            (user_id, customer),
-        )
-    ).fetchall()
+    linked = await (await conn.execute(_LINK, {"customer": customer, "user": user_id})).fetchall()
+    payments = [(row_id, intent, session) for kind, row_id, intent, session in linked if kind == "payment"]
+    subs = [row_id for kind, row_id, _, _ in linked if kind == "subscription"]
+    invoices = [row_id for kind, row_id, _, _ in linked if kind == "invoice"]
     # These rows change without their key locks (the customer's exclusive lock covers them against
     # other transactions); in a shared transaction no other chain may be working on them.
-    claim(f"pi:{intent}" for _, intent, _ in rows if intent)
-    claim(f"cs:{session}" for _, _, session in rows if session)
-    for payment_id, _, _ in rows:
-        snapshot = await payment_effects.snapshot(conn, str(payment_id))
-        await payment_effects.settle(conn, str(payment_id), snapshot, ctx, at)
-    subs = await (
-        await conn.execute(
-            "UPDATE subscriptions SET user_id = %s, updated_at = now()"
-            " WHERE stripe_customer_id = %s AND user_id IS NULL RETURNING id",
-            (user_id, customer),
-        )
-    ).fetchall()
-    claim(f"sub:{sub_id}" for (sub_id,) in subs)
-    for (sub_id,) in subs:
+    claim(f"pi:{intent}" for _, intent, _ in payments if intent)
+    claim(f"cs:{session}" for _, _, session in payments if session)
+    claim(f"sub:{sub_id}" for sub_id in subs)
+    claim(f"invoices:{invoice_id}" for invoice_id in invoices)
+    for payment_id, _, _ in payments:
+        snapshot = await payment_effects.snapshot(conn, payment_id)
+        await payment_effects.settle(conn, payment_id, snapshot, ctx, at)
+    for sub_id in subs:
         await subscriptions.derive(conn, sub_id, ctx, at)
-    invoices = await (
-        await conn.execute(
-            "UPDATE invoices SET user_id = %s, updated_at = now()"
-            " WHERE stripe_customer_id = %s AND user_id IS NULL RETURNING id",
-            (user_id, customer),
-        )
-    ).fetchall()
-    claim(f"invoices:{invoice_id}" for (invoice_id,) in invoices)
-    return bool(rows or subs or invoices)
+    return bool(linked)
 
 
 _UPSERT: Final = """

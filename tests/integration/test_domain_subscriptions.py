@@ -310,6 +310,43 @@ async def test_each_customer_event_sets_the_customer_row(conn: Conn, event_type:
     ) == {"user_id": u, "email": "someone@example.com", "deleted": event_type == "customer.deleted"}
 
 
+async def test_a_second_customer_of_a_user_stays_unmapped_but_its_rows_are_linked(conn: Conn) -> None:
+    """`user_id` is unique in `stripe_customers`: the user keeps its first customer; the second one's
+    rows still belong to the user the event names."""
+    u, first, second, pi = user(), samples.new_id("cus"), samples.new_id("cus"), samples.new_id("pi")
+    await deliver(conn, samples.event("customer.created", samples.customer(customer_id=first, user_id=u)))
+    await deliver(
+        conn,
+        samples.event(
+            "payment_intent.succeeded",
+            samples.payment_intent(
+                intent_id=pi, customer=second, status="succeeded", product="course_bundle"
+            ),
+        ),
+    )
+    assert (
+        await deliver(
+            conn, samples.event("customer.created", samples.customer(customer_id=second, user_id=u))
+        )
+        == "applied"
+    )
+    owners = await rows(
+        conn,
+        "SELECT stripe_customer_id, user_id::text FROM stripe_customers WHERE stripe_customer_id = ANY(%s)"
+        " ORDER BY stripe_customer_id = %s DESC",
+        [first, second],
+        first,
+    )
+    assert owners == [
+        {"stripe_customer_id": first, "user_id": u},
+        {"stripe_customer_id": second, "user_id": None},
+    ]
+    assert await one(conn, "SELECT user_id::text FROM payments WHERE stripe_payment_intent_id = %s", pi) == {
+        "user_id": u
+    }
+    assert await active_features(conn, u) == {"course:bundle"}
+
+
 async def test_rows_of_an_unknown_customer_are_linked_when_the_mapping_appears(conn: Conn) -> None:
     u, cus, pi, sub, inv = (
         user(),
