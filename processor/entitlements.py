@@ -101,13 +101,6 @@ _ROWS: Final = """
 SELECT id, user_id::text, feature, active, expires_at, product, reason FROM entitlements
  WHERE source_type = %s AND source_id = %s ORDER BY id FOR UPDATE
 """
-_GRANT: Final = (
-    """
-INSERT INTO entitlements (user_id, feature, source_type, source_id, product, active, reason, granted_at,
-                          expires_at)
-VALUES (%(user)s, %(feature)s, %(type)s, %(source)s, %(product)s, true, %(reason)s, now(), %(expires)s)"""
-    + _REGRANT
-)
 _REVOKE: Final = """
 UPDATE entitlements SET active = false, reason = %s, revoked_at = now(), updated_at = now() WHERE id = %s
 """
@@ -150,21 +143,12 @@ async def sync(
             )
     if user_id is None:
         return
+    grants: list[GrantRow] = []  # written together after the loop: one statement for all features
     for feature in sorted(wanted):
         active, expires_at = current.get(feature, (False, None))
         if grant.active and (not active or expires_at != grant.expires_at):
-            await send(
-                conn,
-                _GRANT,
-                {
-                    "user": user_id,
-                    "feature": feature,
-                    "type": source_type,
-                    "source": source_id,
-                    "product": grant.product,
-                    "reason": grant.reason,
-                    "expires": grant.expires_at,
-                },
+            grants.append(
+                (user_id, feature, source_type, source_id, grant.product, grant.reason, grant.expires_at)
             )
             await emit(conn, granted(user_id, feature, source_type, source_id, grant, at))
         elif not grant.active and active:
@@ -175,6 +159,7 @@ async def sync(
                 (grant.reason, user_id, feature, source_id),
             )
             await _revoked(conn, user_id, feature, source_type, source_id, grant.product, grant.reason, at)
+    await grant_many(conn, grants)
 
 
 def granted(
@@ -197,7 +182,7 @@ def first_grants(user_id: str | None, grant: Grant) -> list[str]:
     return sorted(grant.features) if user_id and grant.active else []
 
 
-# `_GRANT` for many rows at once, each (user, feature, source) at most once.
+# Grants, many rows in one statement, each (user, feature, source) at most once.
 _GRANT_MANY: Final = (
     """
 INSERT INTO entitlements (user_id, feature, source_type, source_id, product, active, reason, granted_at,
