@@ -49,6 +49,36 @@ def test_migrate_rollback_everything_and_migrate_again() -> None:
         db.drop_database(url)
 
 
+def _payload_compression(url: str) -> dict[str, str]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT attrelid::regclass::text, attcompression::text FROM pg_attribute"
+            " WHERE attname = 'payload' AND attrelid IN ('stripe_events'::regclass, 'outbox'::regclass)"
+        ).fetchall()
+    return dict(rows)
+
+
+def _lz4_available(url: str) -> bool:
+    with psycopg.connect(url) as conn:
+        try:
+            conn.execute("CREATE TEMP TABLE lz4_probe (x text COMPRESSION lz4)")
+        except (psycopg.errors.FeatureNotSupported, psycopg.errors.SyntaxError):
+            return False
+    return True
+
+
+def test_payloads_are_compressed_with_lz4_where_the_server_has_it_and_back_on_rollback() -> None:
+    url = database_url(unique("paybus_mig"))
+    try:
+        db.migrate(url)
+        want = "l" if _lz4_available(url) else ""  # "" is the server's default (pglz)
+        assert _payload_compression(url) == {"stripe_events": want, "outbox": want}
+        assert db.rollback(url, count=1) == ["0006.payload-lz4"]
+        assert _payload_compression(url) == {"stripe_events": "", "outbox": ""}
+    finally:
+        db.drop_database(url)
+
+
 def test_cli_migrate_creates_the_database_lists_and_rolls_back() -> None:
     url = database_url(unique("paybus_cli"))
     paybus = str(Path(sys.executable).parent / "paybus")
