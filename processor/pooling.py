@@ -4,8 +4,9 @@ After a Postgres restart every pooled connection is dead, so the pool tests each
 out (`AsyncConnectionPool.check_connection`, an empty query). Under load that is one round trip per
 batch for nothing: a connection returned a moment ago was working a moment ago. `IdleCheck` skips the
 test for a connection back in the pool for less than `fresh` seconds. A restart inside that window
-fails the batch on its first statement, as a restart during the batch would: the consumer then waits
-for the database and takes the message again.
+fails the batch on its first statement, as a restart during the batch would: the consumer waits for
+the database while it is down and then takes the same messages again (were it already back, they
+would go through a retry delay, `processor.consumer`).
 """
 
 from __future__ import annotations
