@@ -26,6 +26,12 @@ async def _backend(pool: AsyncConnectionPool[Any]) -> int:
     return int(row[0])
 
 
+async def _terminate(database: str, backend: int) -> None:
+    """End a pooled connection's server process, as a Postgres restart would (waits until it is gone)."""
+    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as admin:
+        await admin.execute("SELECT pg_terminate_backend(%s, 5000)", (backend,))
+
+
 async def test_a_connection_back_a_moment_ago_is_not_tested(database: str) -> None:
     check = IdleCheck(fresh=60.0)
     pool = await _pool(database, check)
@@ -44,8 +50,7 @@ async def test_a_connection_idle_too_long_is_tested_and_replaced_when_dead(datab
     pool = await _pool(database, check)
     try:
         first = await _backend(pool)
-        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as admin:
-            await admin.execute("SELECT pg_terminate_backend(%s, 5000)", (first,))
+        await _terminate(database, first)
         # The killed connection fails its test on checkout; the pool hands out a new one instead of
         # letting the first statement of a batch fail.
         second = await _backend(pool)
@@ -61,8 +66,7 @@ async def test_a_fresh_connection_killed_fails_its_first_statement(database: str
     pool = await _pool(database, check)
     try:
         first = await _backend(pool)
-        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as admin:
-            await admin.execute("SELECT pg_terminate_backend(%s, 5000)", (first,))
+        await _terminate(database, first)
         with pytest.raises(psycopg.OperationalError):
             await _backend(pool)
         assert await _backend(pool) != first  # the broken one was discarded on return
