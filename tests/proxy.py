@@ -13,6 +13,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._up = True
+        self._frozen = False
 
     async def start(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
@@ -34,6 +35,8 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                if self._frozen:
+                    continue  # swallowed, as by a network that silently stopped delivering
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -52,6 +55,13 @@ class TcpProxy:
 
     def restore(self) -> None:
         self._up = True
+
+    def freeze(self) -> None:
+        """Keep every connection open but deliver nothing either way: a silent, not a dead, broker."""
+        self._frozen = True
+
+    def thaw(self) -> None:
+        self._frozen = False
 
     async def close(self) -> None:
         self.cut()
