@@ -23,9 +23,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if request.app[PUBLISHER].ready:
+    reason = request.app[PUBLISHER].unready
+    if reason is None:
         return web.json_response({"status": "ready"})
-    return web.json_response({"status": "not ready", "reason": "broker channel closed"}, status=503)
+    return web.json_response({"status": "not ready", "reason": reason}, status=503)
 
 
 async def metrics_view(request: web.Request) -> web.Response:

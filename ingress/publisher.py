@@ -98,9 +98,18 @@ class Publisher:
             await asyncio.sleep(pause)
 
     @property
-    def ready(self) -> bool:
+    def unready(self) -> str | None:
+        """Why a publish would fail now (for /readyz), or None when it would be tried."""
         link = self._link
-        return link is not None and link.is_open and link.blocked is None
+        if link is None or not link.is_open:
+            return "broker connection closed"
+        if link.blocked is not None:
+            return f"broker blocked publishing ({link.blocked})"
+        return None
+
+    @property
+    def ready(self) -> bool:
+        return self.unready is None
 
     async def publish(
         self, body: bytes, routing_key: str, *, message_type: str, headers: dict[str, Any]

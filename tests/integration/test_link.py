@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -159,3 +162,45 @@ async def test_a_connection_closed_by_an_operator_is_reopened(
     finally:
         await publisher.close()
     assert sorted(json.loads(m.body)["n"] for m in await drain_queue(amqp, QUEUE)) == [1, 2]
+
+
+def _memory_watermark() -> str:
+    found = re.search(r"\{vm_memory_high_watermark,([0-9.]+)\}", rabbitmqctl("environment"))
+    if found is None:
+        pytest.skip("the broker's memory watermark is not a plain fraction, so it could not be put back")
+    return found.group(1)
+
+
+async def test_a_resource_alarm_fails_publishes_at_once_and_readiness_says_why(amqp: str) -> None:
+    # Under a memory alarm RabbitMQ stops reading a connection once it publishes, and says so
+    # (connection.blocked). That publish waits out its timeout; every later one would too, so the
+    # ingress answers them 503 at once, and /readyz names the reason, until the alarm lifts.
+    watermark = _memory_watermark()
+    publisher = await _publisher(amqp, timeout=1)
+    attempts = iter(range(100, 200))
+    try:
+        await _publish(publisher, 1)
+        rabbitmqctl("set_vm_memory_high_watermark", "0")
+        try:
+
+            async def blocked() -> bool:
+                with contextlib.suppress(PublishFailed):
+                    await _publish(publisher, next(attempts))
+                return publisher.unready is not None
+
+            await wait_for(blocked, timeout=20, interval=0.05)
+            assert publisher.unready is not None and "blocked" in publisher.unready
+            started = time.monotonic()
+            with pytest.raises(PublishFailed, match="blocked"):
+                await _publish(publisher, 2)
+            assert time.monotonic() - started < 0.5  # not the confirm timeout
+        finally:
+            rabbitmqctl("set_vm_memory_high_watermark", watermark)
+        await wait_for(_accepts(publisher, 3), timeout=15, interval=0.1)
+        assert publisher.unready is None
+    finally:
+        await publisher.close()
+    numbers = {json.loads(m.body)["n"] for m in await drain_queue(amqp, QUEUE)}
+    # those written before the block may land once it lifts (answered 503, retried by Stripe: a
+    # duplicate the processor ignores); the one refused at once was never written
+    assert {1, 3} <= numbers and 2 not in numbers
