@@ -8,11 +8,11 @@ from aiohttp import web
 from opentelemetry import trace
 
 from ingress.app import create_app
-from ingress.publisher import Publisher
 from ingress.workers import Workers, is_worker
 from shared import heap
 from shared.config import Settings
 from shared.loops import loop_factory, loop_name
+from shared.publisher import Publisher
 from shared.telemetry import PropagatingTracer, export_configured, setup_tracing, shutdown_tracing
 
 log = logging.getLogger("paybus.ingress")

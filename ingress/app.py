@@ -9,9 +9,9 @@ from aiohttp import web
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ingress.publisher import Publisher
 from ingress.webhook import make_webhook_view
 from shared.config import Settings
+from shared.publisher import Publisher
 from shared.telemetry import IngressMetrics
 
 PUBLISHER: web.AppKey[Publisher] = web.AppKey("publisher", Publisher)

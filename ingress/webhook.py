@@ -12,10 +12,10 @@ from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ingress.publisher import Publisher, PublishFailed
 from ingress.signature import BadSignature, verify
 from shared.config import Settings
 from shared.envelope import H_ACCOUNT, H_EVENT_ID, H_LIVEMODE, H_RECEIVED_AT, NotAnEvent, decode_envelope
+from shared.publisher import Publisher, PublishFailed
 from shared.telemetry import IngressMetrics, inject
 
 log = logging.getLogger("paybus.ingress")

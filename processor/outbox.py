@@ -15,29 +15,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from contextvars import ContextVar
-from datetime import datetime
 from typing import Any, Final
 
-import aio_pika
-import aiormq
 import psycopg
 import psycopg_pool
-from aio_pika.abc import AbstractChannel
-from pamqp.commands import Basic
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from processor.statements import send
 from shared import domain_events
 from shared.amqp import DOMAIN_EXCHANGE
+from shared.publisher import Publisher, PublishFailed
 from shared.telemetry import ProcessorMetrics
 
 log = logging.getLogger("paybus.outbox")
 
 CHANNEL: Final = "paybus_outbox"
+CONFIRM_TIMEOUT: Final = 10.0  # seconds for the broker to confirm a whole batch
 
 _INSERT: Final = """
 INSERT INTO outbox (id, event_type, user_id, payload) VALUES (%s, %s, %s, %s::jsonb)
@@ -98,13 +96,20 @@ async def write_held(conn: AsyncConnection[Any], rows: list[_Row]) -> None:
         await send(conn, _INSERT_MANY, [list(column) for column in zip(*rows, strict=True)])
 
 
+def relay_publisher(amqp_url: str) -> Publisher:
+    """The relay's own link to `paybus.events` (checked passively: the processor declares topology)."""
+    return Publisher(
+        amqp_url, CONFIRM_TIMEOUT, exchange=DOMAIN_EXCHANGE, declare=False, name="paybus-processor-outbox"
+    )
+
+
 class OutboxRelay:
     """Publishes outbox rows until stopped; survives database and broker outages by backing off."""
 
     def __init__(
         self,
         pool: AsyncConnectionPool[Any],
-        channel: AbstractChannel,
+        publisher: Publisher,
         listen_conninfo: str,
         *,
         batch: int = 100,
@@ -113,7 +118,7 @@ class OutboxRelay:
     ) -> None:
         self._metrics = metrics or ProcessorMetrics()
         self._pool = pool
-        self._channel = channel
+        self._publisher = publisher
         self._conninfo = listen_conninfo
         self._batch = batch
         self._poll = poll_interval
@@ -151,33 +156,28 @@ class OutboxRelay:
     async def relay_once(self) -> int:
         """Publish one batch of unpublished rows; return how many were published.
 
-        Straight to aiormq's channel, as the ingress does: aio-pika's `Message` and `Exchange.publish`
-        rebuild the same properties through attribute hooks per message. Semantics stay aio-pika's:
-        persistent, confirmed, one timeout over write and confirm.
+        All the batch's publishes are written at once on the publisher's link, then their confirms
+        awaited together (one timeout); persistent, not mandatory, message id = outbox id.
         """
         async with self._pool.connection() as conn, conn.transaction():
             rows = await (await conn.execute(_CLAIM, (self._batch,))).fetchall()
             if not rows:
                 return 0
-            underlay = await self._channel.get_underlay_channel()
-            assert isinstance(underlay, aiormq.Channel)  # narrows the type for `wait`
-            now = datetime.now().astimezone()
-            confirmations = await asyncio.gather(
-                *(
-                    underlay.basic_publish(
+            now = int(time.time())
+            send_one = self._publisher.send
+            await self._publisher.confirmed(
+                [
+                    send_one(
                         payload.encode(),
-                        exchange=DOMAIN_EXCHANGE,
-                        routing_key=event_type,
-                        properties=_properties(str(row_id), event_type, now),
+                        event_type,
+                        message_type=event_type,
+                        message_id=str(row_id),
+                        timestamp=now,
                         mandatory=False,
-                        timeout=10,
-                        wait=False,
                     )
                     for _, row_id, event_type, payload in rows
-                )
+                ]
             )
-            if not all(isinstance(c, Basic.Ack) for c in confirmations):
-                raise RelayNotConfirmed("broker did not confirm every outbox message")
             await conn.execute(_MARK, ([seq for seq, *_ in rows],))
         self.published += len(rows)
         return len(rows)
@@ -202,26 +202,10 @@ class OutboxRelay:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
 
 
-class RelayNotConfirmed(Exception):
-    pass
-
-
 _OUTAGES: Final = (
     psycopg.OperationalError,
     psycopg_pool.PoolTimeout,
-    aio_pika.exceptions.AMQPError,
-    aiormq.exceptions.ChannelInvalidStateError,  # a RuntimeError, not an AMQPError: the channel is closed
-    RelayNotConfirmed,
+    PublishFailed,  # broker down, blocked, or no confirm in time
     TimeoutError,
     ConnectionError,
 )
-
-
-def _properties(row_id: str, event_type: str, now: datetime) -> Basic.Properties:
-    return Basic.Properties(
-        message_id=row_id,
-        message_type=event_type,
-        content_type="application/json",
-        delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
-        timestamp=now,
-    )

@@ -22,7 +22,7 @@ from processor.catalog import load_catalog
 from processor.consumer import Consumer, Forwarder
 from processor.context import Context
 from processor.events import Handler, handlers
-from processor.outbox import OutboxRelay
+from processor.outbox import OutboxRelay, relay_publisher
 from processor.pipeline import EventPipeline
 from processor.pooling import IdleCheck
 from processor.requests.runner import RequestService, open_request_service
@@ -30,9 +30,12 @@ from shared import heap
 from shared.amqp import DEAD_LETTER_QUEUE, EVENTS_QUEUE, REQUESTS_QUEUE, declare_topology, topology
 from shared.config import Settings
 from shared.loops import loop_factory, loop_name
+from shared.publisher import Publisher
 from shared.telemetry import ProcessorMetrics, setup_tracing, shutdown_tracing
 
 log = logging.getLogger("paybus.processor")
+
+RELAY_CONNECT_TIMEOUT = 10.0
 
 
 def _health_app(
@@ -120,6 +123,7 @@ async def serve(settings: Settings, event_handlers: dict[str, Handler] | None = 
     runner: web.AppRunner | None = None
     background: list[asyncio.Task[None]] = []
     requests: RequestService | None = None
+    relay_link: Publisher | None = None
     try:
         setup = await connection.channel()
         if settings.declare_topology:
@@ -174,9 +178,10 @@ async def serve(settings: Settings, event_handlers: dict[str, Handler] | None = 
         background.append(asyncio.create_task(_watch_queues(setup, metrics)))
         consuming = asyncio.create_task(events.run())
         answering = asyncio.create_task(requests.consumer.run())
-        relay = OutboxRelay(
-            pool, await connection.channel(publisher_confirms=True), settings.database_url, metrics=metrics
-        )
+        relay_link = relay_publisher(settings.amqp_url)
+        await relay_link.start()
+        await relay_link.wait_connected(RELAY_CONNECT_TIMEOUT)  # else the relay backs off until it is
+        relay = OutboxRelay(pool, relay_link, settings.database_url, metrics=metrics)
         relaying = asyncio.create_task(relay.run())
         stopped = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({consuming, answering, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -204,6 +209,8 @@ async def serve(settings: Settings, event_handlers: dict[str, Handler] | None = 
             await runner.cleanup()
         if requests is not None:
             await requests.close()
+        if relay_link is not None:
+            await relay_link.close()
         await connection.close()
         await pool.close()
         shutdown_tracing(provider)

@@ -19,9 +19,9 @@ from pathlib import Path
 from aiohttp import web
 
 from ingress.app import create_app
-from ingress.publisher import Publisher
 from shared.config import load_settings
 from shared.logs import setup_logging
+from shared.publisher import Publisher
 from shared.telemetry import PropagatingTracer  # what `paybus ingress` runs without an exporter
 from tests.bench import events
 from tests.bench.harness import run_wrk

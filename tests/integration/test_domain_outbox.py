@@ -13,9 +13,10 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from processor.outbox import OutboxRelay
+from processor.outbox import OutboxRelay, relay_publisher
 from shared import db, domain_events, samples
 from shared.amqp import DOMAIN_EXCHANGE, EVENTS_EXCHANGE, declare_topology
+from shared.publisher import Publisher
 from tests.conftest import env_for
 from tests.integration.domain_helpers import Conn, deliver, outbox_types, rows, user
 from tests.support import Service, database_url, free_port, unique, wait_for
@@ -35,6 +36,13 @@ async def listener(vhost: str) -> AsyncIterator[tuple[str, aio_pika.abc.Abstract
         queue = await channel.declare_queue(unique("domain-listener"), exclusive=True)
         await queue.bind(DOMAIN_EXCHANGE, routing_key="#")
         yield url, queue
+
+
+async def _connected_relay_publisher(url: str) -> Publisher:
+    publisher = relay_publisher(url)
+    await publisher.start()
+    assert await publisher.wait_connected(15)
+    return publisher
 
 
 async def drain(queue: aio_pika.abc.AbstractQueue, want: set[str], within: float = 20) -> dict[str, Any]:
@@ -106,22 +114,18 @@ async def test_the_relay_publishes_each_row_once_with_its_id_as_message_id(
     )
     ours = await rows(conn, "SELECT id::text, event_type FROM outbox WHERE user_id = %s", u)
     assert {r["event_type"] for r in ours} == {"payment.succeeded", "entitlement.granted"}
-    connection = await aio_pika.connect(url)
-    async with (
-        connection,
-        AsyncConnectionPool(
-            database, min_size=1, max_size=2, open=False, kwargs={"autocommit": True}
-        ) as pool,
-    ):
-        relay = OutboxRelay(
-            pool, await connection.channel(publisher_confirms=True), database, poll_interval=0.2
-        )
+    publisher = await _connected_relay_publisher(url)
+    async with AsyncConnectionPool(
+        database, min_size=1, max_size=2, open=False, kwargs={"autocommit": True}
+    ) as pool:
+        relay = OutboxRelay(pool, publisher, database, poll_interval=0.2)
         task = asyncio.create_task(relay.run())
         try:
             seen = await drain(queue, {r["id"] for r in ours})
         finally:
             relay.stop()
             await asyncio.wait_for(task, timeout=10)
+            await publisher.close()
     for row in ours:
         routing_key, message = seen[row["id"]]
         assert routing_key == row["event_type"] == message.type
@@ -207,16 +211,16 @@ async def test_events_no_queue_is_bound_to_are_confirmed_and_marked_published(
     u = user()
     await deliver(conn, samples.event("payment_intent.payment_failed", samples.payment_intent(user_id=u)))
     connection = await aio_pika.connect(url)
-    async with (
-        connection,
-        AsyncConnectionPool(
-            database, min_size=1, max_size=1, open=False, kwargs={"autocommit": True}
-        ) as pool,
-    ):
+    async with connection:
         await declare_topology(await connection.channel())
-        relay = OutboxRelay(pool, await connection.channel(publisher_confirms=True), database)
+    publisher = await _connected_relay_publisher(url)
+    async with AsyncConnectionPool(
+        database, min_size=1, max_size=1, open=False, kwargs={"autocommit": True}
+    ) as pool:
+        relay = OutboxRelay(pool, publisher, database)
         while await relay.relay_once():  # the whole backlog of this session's database
             pass
+    await publisher.close()
     assert await rows(
         conn, "SELECT event_type, published_at IS NOT NULL AS published FROM outbox WHERE user_id = %s", u
     ) == [{"event_type": "payment.failed", "published": True}]

@@ -12,11 +12,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from ingress.app import create_app
-from ingress.publisher import Publisher
 from ingress.signature import sign
 from shared import samples
 from shared.amqp import EVENTS_QUEUE
 from shared.config import Settings, load_settings
+from shared.publisher import Publisher
 from tests.proxy import TcpProxy
 from tests.support import TEST_SECRET, drain_queue, queue_depth, signed, wait_for
 

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aio_pika
 import pytest
 
-from ingress.publisher import Publisher, PublishFailed
+from shared.publisher import Publisher, PublishFailed
 from tests.proxy import TcpProxy
 from tests.support import drain_queue, rabbitmqctl, wait_for
 

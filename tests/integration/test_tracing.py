@@ -16,7 +16,6 @@ from opentelemetry.trace import SpanKind
 from psycopg_pool import AsyncConnectionPool
 
 from ingress.app import create_app
-from ingress.publisher import Publisher
 from processor.catalog import load_catalog
 from processor.consumer import Consumer, Forwarder
 from processor.context import Context
@@ -25,6 +24,7 @@ from processor.pipeline import EventPipeline
 from shared import samples
 from shared.amqp import EVENTS_QUEUE
 from shared.config import load_settings
+from shared.publisher import Publisher
 from tests.support import REPO, TEST_SECRET, signed, wait_for
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from pamqp import frame as wire
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
-from ingress.link import (
+from shared.link import (
     HEARTBEAT_FRAME,
     ConfirmLink,
     Endpoint,
@@ -88,6 +89,38 @@ INGRESS_HEADERS = {
 )
 def test_a_publish_is_byte_for_byte_what_pamqp_marshals(body: bytes, headers: dict[str, Any]) -> None:
     assert _ours(body, headers) == _pamqp_publish(body, headers)
+
+
+def test_an_outbox_publish_is_byte_for_byte_what_pamqp_marshals() -> None:
+    # the relay's: its own message id, a timestamp, no headers, not mandatory
+    body = b'{"id":"9b2c6f3e-0000-4000-8000-000000000001","type":"payment.succeeded"}'
+    properties = commands.Basic.Properties(
+        content_type="application/json",
+        delivery_mode=2,
+        message_id="9b2c6f3e-0000-4000-8000-000000000001",
+        timestamp=datetime.fromtimestamp(1_795_000_000, UTC),
+        message_type="payment.succeeded",
+    )
+    expected = b"".join(
+        wire.marshal(f, 1)
+        for f in (
+            commands.Basic.Publish(exchange="paybus.events", routing_key="payment.succeeded"),
+            ContentHeader(0, len(body), properties),
+            ContentBody(body),
+        )
+    )
+    assert expected == encode_publish(
+        body,
+        exchange="paybus.events",
+        routing_key="payment.succeeded",
+        content_type="application/json",
+        delivery_mode=2,
+        message_id="9b2c6f3e-0000-4000-8000-000000000001",
+        message_type="payment.succeeded",
+        timestamp=1_795_000_000,
+        mandatory=False,
+        frame_max=FRAME_MAX,
+    )
 
 
 def test_names_longer_than_a_short_string_are_refused() -> None:
@@ -215,6 +248,12 @@ async def test_a_returned_message_fails_its_waiter_and_only_its_waiter() -> None
         returned.result()
     assert link.is_open
     assert _publish(link) is not None  # the channel goes on
+
+
+async def test_a_mandatory_publish_keeps_the_links_own_message_id() -> None:
+    link, _ = _open_link()
+    with pytest.raises(ValueError, match="message id"):
+        link.publish(b"{}", exchange="x", routing_key="a.b", message_type="a.b", message_id="evt_1")
 
 
 async def test_blocked_refuses_publishes_until_unblocked() -> None:

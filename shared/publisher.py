@@ -1,4 +1,8 @@
-"""Confirmed, mandatory publishing to RabbitMQ over a link that is reopened whenever it ends."""
+"""Confirmed publishing to RabbitMQ over a link that is reopened whenever it ends.
+
+The ingress publishes each webhook (mandatory, one at a time per request); the processor's outbox relay
+publishes its batches of domain events. Both wait for the broker's confirm before they answer or commit.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +13,20 @@ from typing import Any
 
 import aio_pika
 
-from ingress.link import ConfirmLink, Endpoint, LinkError
 from shared.amqp import EVENTS_EXCHANGE, declare_topology
+from shared.link import ConfirmLink, Endpoint, LinkError
 
-log = logging.getLogger("paybus.ingress.publisher")
+log = logging.getLogger("paybus.amqp.publisher")
 
 
 class PublishFailed(Exception):
     """The broker did not take responsibility for the message; the sender should retry later."""
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
+def _expire(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_exception(TimeoutError())
 
 
 class Publisher:
@@ -29,14 +34,20 @@ class Publisher:
 
     Each (re)connect first declares the topology with aio-pika on a short-lived connection (or, with
     ``declare=False``, checks passively that the exchange exists), then opens the
-    :class:`~ingress.link.ConfirmLink` that carries the publishes. When the link ends, publishes
+    :class:`~shared.link.ConfirmLink` that carries the publishes. When the link ends, publishes
     fail at once (503) and a new one is opened after the URL's ``reconnect_interval`` (default 5 s).
     """
 
     def __init__(
-        self, url: str, timeout: float, exchange: str = EVENTS_EXCHANGE, declare: bool = True
+        self,
+        url: str,
+        timeout: float,
+        exchange: str = EVENTS_EXCHANGE,
+        declare: bool = True,
+        name: str = "paybus-ingress",
     ) -> None:
         self._url = url
+        self._name = name
         self._endpoint = Endpoint.parse(url)
         self._declare = declare
         self._timeout = timeout
@@ -58,7 +69,7 @@ class Publisher:
 
     async def _prepare(self) -> None:
         connection = await aio_pika.connect(
-            self._url, client_properties={"connection_name": "paybus-ingress-setup"}, timeout=self._timeout
+            self._url, client_properties={"connection_name": f"{self._name}-setup"}, timeout=self._timeout
         )
         async with connection:
             channel = await connection.channel()
@@ -73,7 +84,7 @@ class Publisher:
         while True:
             try:
                 await self._prepare()
-                link = await ConfirmLink.open(self._endpoint, name="paybus-ingress", timeout=self._timeout)
+                link = await ConfirmLink.open(self._endpoint, name=self._name, timeout=self._timeout)
             except asyncio.CancelledError:
                 raise
             except aio_pika.exceptions.ChannelPreconditionFailed as exc:
@@ -119,22 +130,43 @@ class Publisher:
         Mandatory, persistent, confirmed; one timeout over write and confirm; a return, a nack, a
         closed or blocked connection and the timeout all raise :class:`PublishFailed`.
         """
+        await self.confirmed([self.send(body, routing_key, message_type=message_type, headers=headers)])
+
+    def send(
+        self,
+        body: bytes,
+        routing_key: str,
+        *,
+        message_type: str,
+        headers: dict[str, Any] | None = None,
+        message_id: str | None = None,
+        timestamp: int | None = None,
+        mandatory: bool = True,
+    ) -> asyncio.Future[None]:
+        """Write one persistent publish now; :meth:`confirmed` waits for its confirm."""
         link = self._link
         if link is None or not link.is_open:
             raise PublishFailed("broker not connected")
         try:
-            waiter = link.publish(
+            return link.publish(
                 body,
                 exchange=self._exchange_name,
                 routing_key=routing_key,
                 message_type=message_type,
                 headers=headers,
+                message_id=message_id,
+                timestamp=timestamp,
+                mandatory=mandatory,
             )
         except (LinkError, ValueError) as exc:
             raise PublishFailed(str(exc)) from exc
-        timer = asyncio.get_running_loop().call_later(self._timeout, _expire, waiter)
+
+    async def confirmed(self, waiters: list[asyncio.Future[None]]) -> None:
+        """Wait, at most the timeout, until the broker confirmed every one; else PublishFailed."""
+        gathered = asyncio.gather(*waiters)
+        timer = asyncio.get_running_loop().call_later(self._timeout, _expire, waiters)
         try:
-            await waiter
+            await gathered
         except TimeoutError as exc:
             raise PublishFailed(f"no confirm within {self._timeout:g}s") from exc
         except LinkError as exc:

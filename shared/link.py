@@ -1,7 +1,8 @@
 """A lean AMQP 0-9-1 publishing link: one connection, one channel in confirm mode, publishes only.
 
-The ingress publishes one message per request and waits for its confirm. Through aio-pika and aiormq
-that cost about a third of its CPU per webhook: every publish built pamqp objects for three frames and
+The ingress publishes one message per request and waits for its confirm; the processor's outbox relay
+publishes a batch of domain events and waits for all their confirms. Through aio-pika and aiormq that
+cost about a third of the ingress's CPU per webhook: every publish built pamqp objects for three frames and
 passed a lock, a timeout scope, a write queue and a writer task; every confirm passed a reader task,
 a channel queue and a second reader task. Here a publish is its frames joined into one ``bytes`` and
 one transport write, and a confirm is parsed in ``data_received`` and settles its waiters there.
@@ -10,7 +11,7 @@ What a publishing client needs is all here: PLAIN or EXTERNAL login, TLS (``amqp
 ``cafile``/``capath``/``cadata``/``certfile``/``keyfile``/``no_verify_ssl`` query options), the
 ``heartbeat`` option (default 60 s, as aiormq), mandatory publishes whose returns fail their waiter,
 ``connection.blocked``, broker-initiated closes and the end of the socket. It does not reconnect:
-the :class:`ingress.publisher.Publisher` opens a new link when one ends. The handshake and the rare
+the :class:`shared.publisher.Publisher` opens a new link when one ends. The handshake and the rare
 frames are pamqp's, as in aiormq; only a publish and an ack or nack take the hand-written path, and
 ``tests/unit/test_link.py`` holds that path to pamqp's bytes.
 """
@@ -35,7 +36,7 @@ from pamqp.encode import field_table
 from pamqp.header import ContentHeader, ProtocolHeader
 from yarl import URL
 
-log = logging.getLogger("paybus.ingress.link")
+log = logging.getLogger("paybus.amqp.link")
 
 T = TypeVar("T")
 
@@ -50,9 +51,16 @@ HEARTBEAT_FRAME: Final = b"\x08\x00\x00\x00\x00\x00\x00\xce"
 METHOD, HEADER, BODY, HEARTBEAT = 1, 2, 3, 8
 BASIC_ACK: Final = (60, 80)
 BASIC_NACK: Final = (60, 120)
-# The flags of the properties every publish carries, in the order the spec lists them:
-# content-type, headers, delivery-mode, message-id, type.
-_FLAGS: Final = 0x8000 | 0x2000 | 0x1000 | 0x0080 | 0x0020
+# Basic property flags, in the order the spec lists (and a header frame carries) the properties.
+F_CONTENT_TYPE, F_HEADERS, F_DELIVERY_MODE, F_MESSAGE_ID, F_TIMESTAMP, F_TYPE = (
+    0x8000,
+    0x2000,
+    0x1000,
+    0x0080,
+    0x0040,
+    0x0020,
+)
+_TIMESTAMP: Final = struct.Struct(">Q")
 DEFAULT_PORTS: Final = {"amqp": 5672, "amqps": 5671}
 
 
@@ -152,22 +160,36 @@ def encode_publish(
     routing_key: str,
     content_type: str,
     delivery_mode: int,
-    headers: Mapping[str, Any],
     message_id: str,
     message_type: str,
     frame_max: int,
+    headers: Mapping[str, Any] | None = None,
+    timestamp: int | None = None,
+    mandatory: bool = True,
     channel: int = CHANNEL,
 ) -> bytes:
-    """Basic.Publish (mandatory), its content header and its body frames, as one buffer."""
-    method = b"\x00\x3c\x00\x28\x00\x00" + shortstr(exchange) + shortstr(routing_key) + b"\x01"
-    header = (
-        _CONTENT.pack(60, 0, len(body), _FLAGS)
-        + shortstr(content_type)
-        + table(headers)
-        + bytes((delivery_mode,))
-        + shortstr(message_id)
-        + shortstr(message_type)
+    """Basic.Publish, its content header and its body frames, as one buffer.
+
+    The properties are content-type, headers (when given), delivery-mode, message-id, timestamp (when
+    given, in seconds) and type: what paybus sends, no more.
+    """
+    method = (
+        b"\x00\x3c\x00\x28\x00\x00"
+        + shortstr(exchange)
+        + shortstr(routing_key)
+        + (b"\x01" if mandatory else b"\x00")
     )
+    flags = F_CONTENT_TYPE | F_DELIVERY_MODE | F_MESSAGE_ID | F_TYPE
+    props = [shortstr(content_type)]
+    if headers is not None:
+        flags |= F_HEADERS
+        props.append(table(headers))
+    props += [bytes((delivery_mode,)), shortstr(message_id)]
+    if timestamp is not None:
+        flags |= F_TIMESTAMP
+        props.append(_TIMESTAMP.pack(timestamp))
+    props.append(shortstr(message_type))
+    header = _CONTENT.pack(60, 0, len(body), flags) + b"".join(props)
     parts = [_HEAD.pack(METHOD, channel, len(method)), method, FRAME_END]
     parts += [_HEAD.pack(HEADER, channel, len(header)), header, FRAME_END]
     step = frame_max - 8  # a frame's own bytes: 7 of head, 1 of end
@@ -191,8 +213,6 @@ class ConfirmLink(asyncio.Protocol):
         self._returned: set[int] = set()
         self._returning: tuple[int, int] | None = None  # (delivery tag or -1, body bytes still to come)
         self._tag = 0
-        # unique per publish: a return names its message only by message id; Stripe may deliver the
-        # same event concurrently, so the event id would not do
         self._id_prefix = os.urandom(8).hex() + "-"
         self._frame_max = 131072
         self._closed: LinkError | None = None
@@ -330,15 +350,25 @@ class ConfirmLink(asyncio.Protocol):
         exchange: str,
         routing_key: str,
         message_type: str,
-        headers: Mapping[str, Any],
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        timestamp: int | None = None,
+        mandatory: bool = True,
         content_type: str = "application/json",
         delivery_mode: int = 2,
     ) -> asyncio.Future[None]:
-        """Write a mandatory publish; the future is done when the broker confirmed it or cannot."""
+        """Write a publish; the future is done when the broker confirmed it or cannot.
+
+        A mandatory publish gets a message id made by the link: a return names its message only by
+        message id, and these are unique per publish (Stripe may deliver the same event concurrently,
+        so the event id would not do). Others may carry their own (the outbox row id).
+        """
         if self._closed is not None:
             raise self._closed
         if self.blocked is not None:
             raise LinkError(f"broker blocked publishing ({self.blocked})")
+        if mandatory and message_id is not None:
+            raise ValueError("a mandatory publish carries the link's own message id")
         tag = self._tag + 1
         data = encode_publish(
             body,
@@ -347,8 +377,10 @@ class ConfirmLink(asyncio.Protocol):
             content_type=content_type,
             delivery_mode=delivery_mode,
             headers=headers,
-            message_id=self._id_prefix + str(tag),
+            message_id=self._id_prefix + str(tag) if message_id is None else message_id,
             message_type=message_type,
+            timestamp=timestamp,
+            mandatory=mandatory,
             frame_max=self._frame_max,
         )
         assert self._transport is not None  # noqa: S101 - open links have one
