@@ -27,7 +27,7 @@ import struct
 from base64 import b64decode
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, cast
 
 from pamqp import commands
@@ -88,7 +88,7 @@ class Endpoint:
     port: int
     vhost: str
     username: str
-    password: str
+    password: str = field(repr=False)  # never in a log line, should the endpoint be printed
     heartbeat: int
     reconnect_interval: float
     external_auth: bool
@@ -255,7 +255,7 @@ class ConfirmLink(asyncio.Protocol):
             commands.Connection.StartOk(
                 client_properties={
                     "connection_name": self._name,
-                    "product": "paybus-ingress",
+                    "product": "paybus",
                     "capabilities": {
                         "publisher_confirms": True,
                         "connection.blocked": True,

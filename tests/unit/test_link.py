@@ -153,6 +153,7 @@ def test_endpoint_reads_the_url_as_aiormq_does() -> None:
         None,
         False,
     )
+    assert "p@ss" not in repr(plain)  # an endpoint in a log line shows no password
     assert Endpoint.parse("amqp://localhost/").vhost == "/"
     assert Endpoint.parse("amqp://localhost").vhost == "/"
     assert Endpoint.parse("amqp://localhost/%2F").vhost == "/"
