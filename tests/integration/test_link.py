@@ -6,9 +6,12 @@ import asyncio
 import contextlib
 import json
 import re
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from urllib.parse import urlsplit, urlunsplit
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import aio_pika
 import pytest
@@ -204,3 +207,44 @@ async def test_a_resource_alarm_fails_publishes_at_once_and_readiness_says_why(a
     # those written before the block may land once it lifts (answered 503, retried by Stripe: a
     # duplicate the processor ignores); the one refused at once was never written
     assert {1, 3} <= numbers and 2 not in numbers
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made with the openssl CLI."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_amqps_verifies_the_broker_and_publishes_over_tls(
+    amqp: str, certificate: tuple[Path, Path]
+) -> None:
+    cert, key = certificate
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    parts = urlsplit(amqp)
+    proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672, tls=tls).start()
+    secure = urlunsplit(parts._replace(scheme="amqps", netloc=f"guest:guest@127.0.0.1:{proxy.port}"))
+    try:
+        # without the certificate trusted, the default verification refuses the broker
+        untrusted = Publisher(secure, 2, exchange=EXCHANGE, declare=False)
+        await untrusted.start()
+        assert not await untrusted.wait_connected(3)
+        await untrusted.close()
+        publisher = await _publisher(f"{secure}?cafile={quote(str(cert))}")
+        try:
+            await _publish(publisher, 1)
+        finally:
+            await publisher.close()
+    finally:
+        await proxy.close()
+    assert [json.loads(m.body)["n"] for m in await drain_queue(amqp, QUEUE)] == [1]
