@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 
 import aio_pika
 import psycopg
-from pamqp.commands import Basic
 
-from shared.amqp import EVENTS_EXCHANGE, declare_topology
+from shared.amqp import declare_topology
 from shared.envelope import H_EVENT_ID, H_LIVEMODE, H_RECEIVED_AT
+from shared.publisher import Publisher
 
 IN_FLIGHT = 64
 
@@ -21,41 +21,38 @@ IN_FLIGHT = 64
 async def publish_events(amqp_url: str, events: Sequence[tuple[str, str, bytes]]) -> float:
     """Publish (id, type, body) to `stripe.events` as the ingress does, 64 confirms in flight; return s.
 
+    Over the ingress's own publisher and link (mandatory, persistent, confirmed, the ingress's headers).
     This is both how the drain's backlog is made and the raw-publish ceiling: the messages land in the
     same quorum work queue the ingress feeds.
     """
     connection = await aio_pika.connect(amqp_url)
     async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        await declare_topology(channel)
-        exchange = await channel.get_exchange(EVENTS_EXCHANGE, ensure=False)
+        await declare_topology(await connection.channel())
+    publisher = Publisher(amqp_url, 30, declare=False, name="paybus-bench")
+    await publisher.start()
+    try:
+        if not await publisher.wait_connected(30):
+            raise RuntimeError("the bench's publisher could not connect")
         pending = iter(events)
-        nacked = 0
 
         async def worker() -> None:
-            nonlocal nacked
             for event_id, event_type, body in pending:
-                message = aio_pika.Message(
+                await publisher.publish(
                     body,
-                    content_type="application/json",
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    type=event_type,
+                    event_type,
+                    message_type=event_type,
                     headers={
                         H_EVENT_ID: event_id,
                         H_LIVEMODE: False,
                         H_RECEIVED_AT: datetime.now(UTC).isoformat(),
                     },
                 )
-                confirmation = await exchange.publish(message, routing_key=event_type, mandatory=True)
-                if not isinstance(confirmation, Basic.Ack):
-                    nacked += 1
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
-        seconds = time.perf_counter() - started
-    if nacked:
-        raise RuntimeError(f"{nacked} publishes were not confirmed")
-    return seconds
+        return time.perf_counter() - started
+    finally:
+        await publisher.close()
 
 
 def batched_inserts(database_url: str, events: Sequence[tuple[str, str, bytes]], batch: int = 500) -> float:
