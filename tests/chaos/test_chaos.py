@@ -166,6 +166,15 @@ async def test_chaos_converges_to_the_reference_model(
             assert {r[1] for r in rows} <= {"applied", "stale"}
             problems = await family.check(conn)
             assert not problems, f"{len(problems)} objects differ from the model, e.g. {problems[:5]}"
+
+            async def relayed() -> bool:
+                # the outbox relay came back after the broker's crash and the processor's kills too
+                waiting = "SELECT count(*) FILTER (WHERE published_at IS NULL), count(*) FROM outbox"
+                row = await (await conn.execute(waiting)).fetchone()
+                return bool(row and row[0] == 0 and row[1] > 0)
+
+            await wait_for(relayed, timeout=120, interval=1)
+            note("outbox relayed")
         await wait_for(lambda: _empty(rabbit.url, EVENTS_QUEUE), timeout=60)
         assert await queue_depth(rabbit.url, DEAD_LETTER_QUEUE) == 0
     finally:
