@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ from tests.bench.harness import (
     cpu_seconds,
     loadavg,
     machine_busy,
+    quorum_wal_files,
     require_peer,
     require_wrk,
     run_wrk,
@@ -123,7 +125,11 @@ class Bench:
     # ---- phases ----------------------------------------------------------------------------------
     def run_load(self, url: str, connections: int, name: str, pid: int) -> LoadResult:
         datafile = self.signed_file(name, events.succeeded(self.pool_size()))
+        wal_before = quorum_wal_files()
         result = run_wrk(url, datafile, connections, self.args.seconds, server_pid=pid)
+        wal_after = quorum_wal_files()
+        if wal_before is not None and wal_after is not None:
+            result = dataclasses.replace(result, wal_rolled=wal_before != wal_after)
         datafile.unlink()
         print(
             f"  {name}: {result.rate:,.0f}/s p50 {result.p50_ms:.2f} ms p99 {result.p99_ms:.2f} ms "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -165,6 +166,9 @@ class LoadResult:
     # CPU of the whole machine per request (server, its broker or database, and wrk): on 2 cores the
     # rate cannot exceed 2,000 / machine_ms per second, whatever the server does
     machine_ms: float = 0.0
+    # whether the broker's quorum-queue write-ahead log rolled over to a new file during the run (None:
+    # not known). A roll holds confirms back for tens of milliseconds: it shows in a short run's p99.
+    wal_rolled: bool | None = None
 
     @property
     def rate(self) -> float:
@@ -243,3 +247,15 @@ def loadavg() -> str:
 
 def elapsed(start: float) -> float:
     return time.monotonic() - start
+
+
+WAL_GLOB = "/var/lib/rabbitmq/mnesia/*/quorum/*/*.wal"
+
+
+def quorum_wal_files() -> list[str] | None:
+    """The local RabbitMQ node's quorum-queue WAL file names, or None when they cannot be read here."""
+    try:
+        names = sorted(Path(p).name for p in glob.glob(WAL_GLOB))
+    except OSError:
+        return None
+    return names or None

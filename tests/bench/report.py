@@ -82,6 +82,9 @@ def render(r: Results) -> str:
             f"{_ratio(ours.p99_ms, theirs.p99_ms) if theirs else 'n/a':>13}"
         )
         add(f"  c={c:<3} errors{'':<37}{ours.errors:>22}{(theirs.errors if theirs else '-'):>22}")
+        if ours.wal_rolled is not None:
+            rolled = "yes" if ours.wal_rolled else "no"
+            add(f"  c={c:<3} RabbitMQ quorum WAL rolled over in the run{'':<1}{rolled:>22}{'-':>22}")
         add(
             f"  c={c:<3} server CPU ms per request{'':<18}{ours.cpu_ms:>22.3f}"
             f"{(theirs.cpu_ms if theirs else 0):>22.3f}"

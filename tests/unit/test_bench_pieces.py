@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -82,6 +84,15 @@ def test_table_marks_each_target() -> None:
     assert "FAIL  processor drain >= 1.0x peer, best of 1 and one per core (1,500 vs 2,000 = 0.75x)" in table
     assert "PASS  ingress RSS <= 80 MiB (60.0)" in table
     assert "FAIL  processor RSS <= 150 MiB (200.0)" in table
+    assert "WAL rolled" not in table  # not known: no line
+
+    results.ingress = {
+        16: dataclasses.replace(results.ingress[16], wal_rolled=False),
+        64: dataclasses.replace(results.ingress[64], wal_rolled=True),
+    }
+    table = render(results)
+    assert re.search(r"c=64\s+RabbitMQ quorum WAL rolled over in the run\s+yes", table)
+    assert re.search(r"c=16\s+RabbitMQ quorum WAL rolled over in the run\s+no", table)
 
     results.drain_per_core = {"rate": 2100.0, "seconds": 1.0, "settled": 1000, "processors": 2}
     table = render(results)
