@@ -304,7 +304,7 @@ class ConfirmLink(asyncio.Protocol):
             self._send(commands.Connection.Close(reply_code=200, reply_text="shutdown"), channel=0)
             async with asyncio.timeout(timeout):
                 await asyncio.shield(self._done)
-        self._abort(LinkClosed("closed by the ingress"))
+        self._abort(LinkClosed("closed by paybus"))
 
     async def wait_closed(self) -> LinkError:
         """Return why the link ended, once it has."""
@@ -456,7 +456,7 @@ class ConfirmLink(asyncio.Protocol):
                 self._send(commands.Channel.CloseOk(), channel=channel)
                 raise LinkClosed(f"broker closed the channel: {frame.reply_code} {frame.reply_text}")
             case commands.Connection.CloseOk():
-                raise LinkClosed("closed by the ingress")
+                raise LinkClosed("closed by paybus")
             case _:
                 log.debug("ignored %s from the broker", type(frame).__name__)
 
