@@ -284,7 +284,7 @@ class ConfirmLink(asyncio.Protocol):
         self._send(commands.Confirm.Select())
         await self._expect(commands.Confirm.SelectOk)
         if heartbeat > 0:
-            self._beat = self._loop.call_later(max(heartbeat / 2, 0.5), self._heartbeat)
+            self._beat_later()
 
     async def _expect(self, kind: type[T]) -> T:
         self._waiter = self._loop.create_future()
@@ -330,6 +330,10 @@ class ConfirmLink(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def _beat_later(self) -> None:
+        """Send a heartbeat in half the negotiated interval (and check the broker's) from now."""
+        self._beat = self._loop.call_later(max(self._endpoint.heartbeat / 2, 0.5), self._heartbeat)
+
     def _heartbeat(self) -> None:
         # aiormq's grace: three intervals with nothing received means the peer is gone
         if self._loop.time() - self._last_received > 3 * self._endpoint.heartbeat:
@@ -339,7 +343,7 @@ class ConfirmLink(asyncio.Protocol):
             return
         if self._transport is not None:
             self._transport.write(HEARTBEAT_FRAME)
-        self._beat = self._loop.call_later(max(self._endpoint.heartbeat / 2, 0.5), self._heartbeat)
+        self._beat_later()
 
     # ---- publishing
 
