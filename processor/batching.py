@@ -41,7 +41,7 @@ from processor.schema import unknown_schema
 from processor.store.locks import Claims, Entangled, enter_chain
 from shared.telemetry import extract
 
-MAX_BATCH: Final = 50
+MAX_BATCH: Final = 200
 # How long the first message after an idle spell waits for company; later batches form while the
 # previous one runs and do not wait.
 LINGER_SECONDS: Final = 0.002

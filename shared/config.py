@@ -46,8 +46,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ingress_workers: int = 1
     publish_timeout: float = 5.0
     metrics_port: int = 9100
-    prefetch: int = 128  # > 2 x batch_size: the next batch fills while one commits
-    batch_size: int = 50
+    prefetch: int = 512  # > 2 x batch_size: the next batch fills while one commits
+    batch_size: int = 200
     log_level: str = "INFO"
     retry_delays_ms: tuple[int, ...] = (1_000, 5_000, 30_000, 120_000, 600_000)
     grace_days: int = 3
