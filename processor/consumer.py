@@ -17,19 +17,26 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import aio_pika
 import psycopg
 import psycopg_pool
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, ConsumerTag
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    ConsumerTag,
+)
 from pamqp.commands import Basic
 
 from processor.acks import Acks
 from processor.errors import DatabaseUnavailable, Reject, Retry
 from shared.amqp import DEAD_LETTER_EXCHANGE, RETRY_EXCHANGE, copy_message, retry_queue_name, retry_tiers
+from shared.consume_link import ConsumeLink
 from shared.headers import (
     H_ATTEMPTS,
     H_DEAD_LETTERED,
@@ -40,6 +47,7 @@ from shared.headers import (
     H_ORIGINAL_QUEUE,
     H_REASON,
 )
+from shared.link import Endpoint
 from shared.telemetry import ProcessorMetrics
 
 log = logging.getLogger("paybus.processor")
@@ -71,6 +79,83 @@ CONFLICT_RUNS: Final = 5
 DB_WATCH_SECONDS: Final = 2.0
 
 MessageWork = Callable[[AbstractIncomingMessage], Awaitable[None]]
+LINK_CONNECT_TIMEOUT: Final = 10.0
+
+
+class QueueSource(Protocol):
+    """Where a `Consumer` takes its deliveries from: start and stop consuming, and notice the end."""
+
+    async def consume(self, callback: Callable[[Any], Coroutine[Any, Any, None]]) -> str: ...
+
+    async def cancel(self, tag: str) -> None: ...
+
+    async def lost(self) -> None:
+        """Return when deliveries stopped by themselves and `consume` must be called again."""
+
+    @property
+    def is_closed(self) -> bool: ...
+
+
+class ChannelSource:
+    """A queue on an aio-pika channel; a robust connection restores the consumer by itself."""
+
+    def __init__(self, channel: AbstractChannel, queue_name: str) -> None:
+        self._channel = channel
+        self._queue_name = queue_name
+        self._queue: AbstractQueue | None = None
+
+    async def consume(self, callback: Callable[[Any], Coroutine[Any, Any, None]]) -> str:
+        if self._queue is None:
+            self._queue = await self._channel.get_queue(self._queue_name, ensure=False)
+        tag: ConsumerTag = await self._queue.consume(callback)
+        return tag
+
+    async def cancel(self, tag: str) -> None:
+        assert self._queue is not None
+        await self._queue.cancel(tag)
+
+    async def lost(self) -> None:
+        await asyncio.Event().wait()  # never: aio-pika restores the consumer on a new channel
+
+    @property
+    def is_closed(self) -> bool:
+        return self._channel.is_closed
+
+
+class LinkSource:
+    """A queue consumed over `shared.consume_link`: a new link (and consumer) whenever one ends."""
+
+    def __init__(self, amqp_url: str, queue_name: str, prefetch: int, name: str) -> None:
+        self._endpoint = Endpoint.parse(amqp_url)
+        self._queue_name = queue_name
+        self._prefetch = prefetch
+        self._name = name
+        self._link: ConsumeLink | None = None
+
+    async def consume(self, callback: Callable[[Any], Coroutine[Any, Any, None]]) -> str:
+        link = self._link
+        if link is None or link.is_closed:
+            link = self._link = await ConsumeLink.connect(
+                self._endpoint, name=self._name, prefetch=self._prefetch, timeout=LINK_CONNECT_TIMEOUT
+            )
+        return await link.consume(self._queue_name, callback)
+
+    async def cancel(self, tag: str) -> None:
+        if self._link is not None and self._link.is_open:
+            await self._link.cancel(tag)
+
+    async def lost(self) -> None:
+        assert self._link is not None
+        reason = await self._link.wait_closed()
+        log.warning("event queue link ended (%s); consuming again on a new one", reason)
+
+    @property
+    def is_closed(self) -> bool:
+        return self._link is None or self._link.is_closed
+
+    async def close(self) -> None:
+        if self._link is not None:
+            await self._link.close()
 
 
 def _header(message: AbstractIncomingMessage, name: str) -> Any:
@@ -152,7 +237,7 @@ class Consumer:
 
     def __init__(
         self,
-        channel: AbstractChannel,
+        channel: AbstractChannel | QueueSource,
         queue_name: str,
         work: MessageWork,
         forwarder: Forwarder,
@@ -161,7 +246,9 @@ class Consumer:
         *,
         coalesce_acks: bool = False,
     ) -> None:
-        self._channel = channel
+        self.source: QueueSource = (
+            ChannelSource(channel, queue_name) if isinstance(channel, AbstractChannel) else channel
+        )
         # Events settle a batch at a time, so their acks coalesce; a request settles alone anyway.
         self.acks = Acks() if coalesce_acks else None
         self._queue_name = queue_name
@@ -175,22 +262,22 @@ class Consumer:
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
-        queue = await self._channel.get_queue(self._queue_name, ensure=False)
+        source = self.source
         while not self._stopping.is_set():
             await self._wait_for_database()
             if self._stopping.is_set():
                 break
             self._db_lost.clear()
             try:
-                tag: ConsumerTag = await queue.consume(self._on_message)
+                tag = await source.consume(self._on_message)
             except Exception as exc:  # channel being restored after a broker restart: try again soon
                 log.warning("could not start consuming (%s); retrying", type(exc).__name__)
                 await _first(asyncio.sleep(1), self._stopping.wait())
                 continue
-            await _first(self._db_lost.wait(), self._stopping.wait(), self._watch_database())
+            await _first(self._db_lost.wait(), self._stopping.wait(), self._watch_database(), source.lost())
             # No new deliveries from here on; the messages in hand stay unacked (they are not returned).
             try:
-                await queue.cancel(tag)
+                await source.cancel(tag)
             except Exception as exc:  # channel gone: the broker returns everything by itself
                 log.warning("could not cancel consumer (%s)", type(exc).__name__)
         await self._drain()

@@ -19,7 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from processor.batching import EventBatcher
 from processor.catalog import load_catalog
-from processor.consumer import Consumer, Forwarder
+from processor.consumer import Consumer, Forwarder, LinkSource
 from processor.context import Context
 from processor.events import Handler, handlers
 from processor.outbox import OutboxRelay, relay_publisher
@@ -48,6 +48,8 @@ def _health_app(
         problems = []
         if connection.is_closed:
             problems.append("broker connection closed")
+        if consumer.source.is_closed and consumer.db_ready.is_set():
+            problems.append("event queue link closed")
         if not consumer.db_ready.is_set():
             problems.append("database unavailable")
         if problems:
@@ -124,6 +126,7 @@ async def serve(settings: Settings, event_handlers: dict[str, Handler] | None = 
     background: list[asyncio.Task[None]] = []
     requests: RequestService | None = None
     relay_link: Publisher | None = None
+    event_source: LinkSource | None = None
     try:
         setup = await connection.channel()
         if settings.declare_topology:
@@ -160,8 +163,13 @@ async def serve(settings: Settings, event_handlers: dict[str, Handler] | None = 
         table = handlers() if event_handlers is None else event_handlers
         pipeline = EventPipeline(pool, table, ctx, metrics, tracer)
         batcher = EventBatcher(pipeline, max_batch=settings.batch_size)
+        # The event queue on a lean link of its own (`shared.consume_link`); retries, dead letters and
+        # the request queue stay on aio-pika's channel.
+        event_source = LinkSource(
+            settings.amqp_url, EVENTS_QUEUE, settings.prefetch, name="paybus-processor-events"
+        )
         events = Consumer(
-            channel, EVENTS_QUEUE, batcher, forwarder, db_check, settings.prefetch, coalesce_acks=True
+            event_source, EVENTS_QUEUE, batcher, forwarder, db_check, settings.prefetch, coalesce_acks=True
         )
         requests = await open_request_service(settings, connection, catalog, metrics)
         runner = web.AppRunner(_health_app(events, connection, metrics), access_log=None)
@@ -211,6 +219,8 @@ async def serve(settings: Settings, event_handlers: dict[str, Handler] | None = 
             await requests.close()
         if relay_link is not None:
             await relay_link.close()
+        if event_source is not None:
+            await event_source.close()
         await connection.close()
         await pool.close()
         shutdown_tracing(provider)

@@ -225,22 +225,25 @@ class ConfirmLink(asyncio.Protocol):
 
     @classmethod
     async def open(cls, endpoint: Endpoint, *, name: str, timeout: float) -> ConfirmLink:  # noqa: ASYNC109
-        loop = asyncio.get_running_loop()
         link = cls(endpoint, name)
+        await link._connect(timeout)
+        return link
+
+    async def _connect(self, timeout: float) -> None:  # noqa: ASYNC109
+        endpoint = self._endpoint
         async with asyncio.timeout(timeout):
-            await loop.create_connection(
-                lambda: link,
+            await self._loop.create_connection(
+                lambda: self,
                 endpoint.host,
                 endpoint.port,
                 ssl=endpoint.tls,
                 server_hostname=endpoint.host if endpoint.tls else None,
             )
             try:
-                await link._handshake()
+                await self._handshake()
             except BaseException:
-                link._abort(LinkClosed("handshake failed"))
+                self._abort(LinkClosed("handshake failed"))
                 raise
-        return link
 
     async def _handshake(self) -> None:
         transport = self._transport
@@ -260,6 +263,7 @@ class ConfirmLink(asyncio.Protocol):
                         "publisher_confirms": True,
                         "connection.blocked": True,
                         "authentication_failure_close": True,
+                        "consumer_cancel_notify": True,  # a consuming link hears of a deleted queue
                     },
                 },
                 mechanism=mechanism,
@@ -281,10 +285,13 @@ class ConfirmLink(asyncio.Protocol):
         await self._expect(commands.Connection.OpenOk)
         self._send(commands.Channel.Open())
         await self._expect(commands.Channel.OpenOk)
-        self._send(commands.Confirm.Select())
-        await self._expect(commands.Confirm.SelectOk)
+        await self._set_up_channel()
         if heartbeat > 0:
             self._beat_later()
+
+    async def _set_up_channel(self) -> None:
+        self._send(commands.Confirm.Select())
+        await self._expect(commands.Confirm.SelectOk)
 
     async def _expect(self, kind: type[T]) -> T:
         self._waiter = self._loop.create_future()
@@ -437,7 +444,13 @@ class ConfirmLink(asyncio.Protocol):
             tag, bits = _CONFIRM.unpack_from(buffer, start + 11)
             self._settle(tag, bits & 1, None if method == BASIC_ACK else Nacked("broker answered Nack"))
             return
+        self._on_rare_method(buffer, start, end)
+
+    def _on_rare_method(self, buffer: bytearray, start: int, end: int) -> None:
         _, channel, frame = wire.unmarshal(bytes(buffer[start : end + 1]))
+        if isinstance(frame, commands.Channel.Close):  # whatever was asked: the reason is the broker's
+            self._send(commands.Channel.CloseOk(), channel=channel)
+            raise LinkClosed(f"broker closed the channel: {frame.reply_code} {frame.reply_text}")
         if self._waiter is not None and not self._waiter.done():
             if isinstance(frame, commands.Connection.Close):
                 self._send(commands.Connection.CloseOk(), channel=0)
@@ -456,13 +469,13 @@ class ConfirmLink(asyncio.Protocol):
             case commands.Connection.Close():
                 self._send(commands.Connection.CloseOk(), channel=0)
                 raise LinkClosed(f"broker closed the connection: {frame.reply_code} {frame.reply_text}")
-            case commands.Channel.Close():
-                self._send(commands.Channel.CloseOk(), channel=channel)
-                raise LinkClosed(f"broker closed the channel: {frame.reply_code} {frame.reply_text}")
             case commands.Connection.CloseOk():
                 raise LinkClosed("closed by paybus")
             case _:
-                log.debug("ignored %s from the broker", type(frame).__name__)
+                self._on_other(frame)
+
+    def _on_other(self, frame: object) -> None:
+        log.debug("ignored %s from the broker", type(frame).__name__)
 
     def _on_content(self, kind: int, buffer: bytearray, start: int, end: int) -> None:
         """The header and body of a returned message: only its message id matters, to fail its waiter."""
