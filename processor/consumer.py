@@ -1,4 +1,8 @@
-"""aio-pika glue for the event queue: bounded concurrency, ack after commit, retry, dead-letter.
+"""Consuming a work queue: bounded concurrency, ack after commit, retry, dead-letter.
+
+The event queue is consumed over a link of paybus's own (`LinkSource`, `shared.consume_link`), the
+request queue over aio-pika's channel (`ChannelSource`); retries and dead letters are published with
+aio-pika for both.
 
 Each delivery runs in its own task (at most `prefetch` at once: the broker sends no more unacked
 messages) with its own transaction. The message is acked only after COMMIT; a crash before that
@@ -326,7 +330,7 @@ class Consumer:
         self._db_lost.set()
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # aiormq runs each delivery callback in its own task; keep a handle so stop() can wait for it.
+        # Each delivery callback runs in its own task (either source); keep a handle so stop() waits for it.
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
