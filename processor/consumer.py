@@ -146,7 +146,8 @@ class LinkSource:
 
     async def cancel(self, tag: str) -> None:
         if self._link is not None and self._link.is_open:
-            await self._link.cancel(tag)
+            async with asyncio.timeout(LINK_CONNECT_TIMEOUT):  # a broker gone silent must not hold a stop
+                await self._link.cancel(tag)
 
     async def lost(self) -> None:
         assert self._link is not None
