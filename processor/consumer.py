@@ -129,8 +129,16 @@ class ChannelSource:
 class LinkSource:
     """A queue consumed over `shared.consume_link`: a new link (and consumer) whenever one ends."""
 
-    def __init__(self, amqp_url: str, queue_name: str, prefetch: int, name: str) -> None:
+    def __init__(
+        self,
+        amqp_url: str,
+        queue_name: str,
+        prefetch: int,
+        name: str,
+        cancel_timeout: float = LINK_CONNECT_TIMEOUT,
+    ) -> None:
         self._endpoint = Endpoint.parse(amqp_url)
+        self._cancel_timeout = cancel_timeout
         self._queue_name = queue_name
         self._prefetch = prefetch
         self._name = name
@@ -145,9 +153,15 @@ class LinkSource:
         return await link.consume(self._queue_name, callback)
 
     async def cancel(self, tag: str) -> None:
-        if self._link is not None and self._link.is_open:
-            async with asyncio.timeout(LINK_CONNECT_TIMEOUT):  # a broker gone silent must not hold a stop
-                await self._link.cancel(tag)
+        link = self._link
+        if link is None or link.is_closed:
+            return
+        try:
+            async with asyncio.timeout(self._cancel_timeout):  # a broker gone silent must not hold a stop
+                await link.cancel(tag)
+        except BaseException:
+            await link.close()  # the consumer may still be on: the next `consume` starts on a new link
+            raise
 
     async def lost(self) -> None:
         assert self._link is not None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import pytest
@@ -18,6 +18,7 @@ from processor.consumer import Consumer, Forwarder, LinkSource
 from shared.amqp import declare_topology, topology
 from shared.consume_link import ConsumeLink, Delivery
 from shared.link import Endpoint
+from tests.proxy import TcpProxy
 from tests.support import queue_depth, rabbitmqctl, wait_for
 
 QUEUE = "paybus.test.consume-link"
@@ -160,3 +161,29 @@ async def test_consuming_a_missing_queue_fails_with_the_brokers_reason(amqp: str
             await link.consume("paybus.test.no-such-queue", work)
     finally:
         await link.close()
+
+
+async def test_a_cancel_the_broker_does_not_answer_gives_the_link_up_and_the_next_consume_opens_another(
+    amqp: str,
+) -> None:
+    parts = urlsplit(amqp)
+    proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672).start()
+    url = urlunsplit(parts._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}"))
+    source = LinkSource(url, QUEUE, prefetch=4, name="paybus-test-consumer", cancel_timeout=0.5)
+
+    async def work(message: Delivery) -> None:
+        return None
+
+    try:
+        tag = await source.consume(work)
+        first = source._link
+        proxy.freeze()  # the broker's CancelOk never arrives
+        with pytest.raises(TimeoutError):
+            await source.cancel(tag)
+        assert source.is_closed  # given up, so a consumer the broker may still run is not kept
+        proxy.thaw()
+        await source.consume(work)
+        assert source._link is not first and not source.is_closed
+    finally:
+        await source.close()
+        await proxy.close()
