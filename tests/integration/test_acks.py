@@ -67,16 +67,23 @@ async def _count(items: list[Any], n: int) -> bool:
     return len(items) >= n
 
 
-async def _returned_after_close(held: InHand) -> int:
+async def _returned_after_close(held: InHand, expected: int) -> int:
+    """Close the consuming channel; the queue's depth once the broker has taken back ``expected``
+    messages (it does so just after the close, not with it), or after 5 s if it never does."""
     await held.close_channel()
-    return await queue_depth(held.amqp, QUEUE)
+    deadline = asyncio.get_running_loop().time() + 5
+    depth = await queue_depth(held.amqp, QUEUE)
+    while depth != expected and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+        depth = await queue_depth(held.amqp, QUEUE)
+    return depth
 
 
 async def test_messages_settled_together_leave_as_one_ack(in_hand: InHand) -> None:
     acks = _acks(in_hand)
     await asyncio.gather(*(acks.ack(m) for m in reversed(in_hand.messages)))
     assert acks.frames == 1
-    assert await _returned_after_close(in_hand) == 0  # all ten acked by that one frame
+    assert await _returned_after_close(in_hand, 0) == 0  # all ten acked by that one frame
 
 
 async def test_no_ack_passes_a_message_still_in_hand(in_hand: InHand) -> None:
@@ -91,7 +98,7 @@ async def test_no_ack_passes_a_message_still_in_hand(in_hand: InHand) -> None:
     await acks.ack(fourth)  # the run now reaches the end: one more frame settles all seven
     await asyncio.gather(*waiting)
     assert acks.frames == 2
-    assert await _returned_after_close(in_hand) == 0
+    assert await _returned_after_close(in_hand, 0) == 0
 
 
 async def test_a_message_in_hand_when_the_channel_closes_comes_back_with_those_after_it(
@@ -101,7 +108,7 @@ async def test_a_message_in_hand_when_the_channel_closes_comes_back_with_those_a
     fourth = in_hand.messages[3]
     waiting = [asyncio.create_task(acks.ack(m)) for m in in_hand.messages if m is not fourth]
     await wait_for(lambda: _done(waiting[:3]))
-    assert await _returned_after_close(in_hand) == 7  # the fourth and the six held back behind it
+    assert await _returned_after_close(in_hand, 7) == 7  # the fourth and the six held back behind it
     acks.unsettled(fourth)  # its work ends without an ack: the waiting ones learn the channel is gone
     results = await asyncio.gather(*waiting[3:], return_exceptions=True)
     assert all(isinstance(r, Exception) for r in results)
@@ -115,7 +122,7 @@ async def test_a_run_passes_a_nacked_message(in_hand: InHand) -> None:
     await asyncio.gather(*(acks.ack(m) for m in in_hand.messages if m is not fourth))
     assert acks.frames == 1
     assert not in_hand.channel.is_closed  # a `multiple` ack naming a settled tag would close it
-    assert await _returned_after_close(in_hand) == 0
+    assert await _returned_after_close(in_hand, 0) == 0
 
 
 async def test_a_message_left_unsettled_makes_its_channel_ack_one_by_one(in_hand: InHand) -> None:
@@ -124,7 +131,7 @@ async def test_a_message_left_unsettled_makes_its_channel_ack_one_by_one(in_hand
     acks.unsettled(fourth)  # as when a shutdown leaves it in hand: the broker must get it back
     await asyncio.gather(*(acks.ack(m) for m in in_hand.messages if m is not fourth))
     assert acks.frames == COUNT - 1
-    assert await _returned_after_close(in_hand) == 1
+    assert await _returned_after_close(in_hand, 1) == 1
     assert await queue_depth(in_hand.amqp, QUEUE) == 1
 
 
@@ -136,7 +143,7 @@ async def test_a_run_waiting_for_a_delivery_never_seen_goes_one_by_one(in_hand: 
         acks.delivered(message)
     await asyncio.wait_for(asyncio.gather(*(acks.ack(m) for m in rest)), timeout=10)
     assert acks.frames == COUNT - 1
-    assert await _returned_after_close(in_hand) == 1  # the broker still holds it: not acked unseen
+    assert await _returned_after_close(in_hand, 1) == 1  # the broker still holds it: not acked unseen
 
 
 async def test_the_wait_for_a_missing_delivery_is_timed_again_for_the_next_one(in_hand: InHand) -> None:
@@ -150,7 +157,7 @@ async def test_the_wait_for_a_missing_delivery_is_timed_again_for_the_next_one(i
     await asyncio.wait_for(acks.ack(first), timeout=10)
     await asyncio.wait_for(asyncio.gather(*waiting), timeout=10)
     assert acks.frames == 1 + len(rest)  # the first in a run of its own, the rest one by one
-    assert await _returned_after_close(in_hand) == 1  # the second is still the broker's
+    assert await _returned_after_close(in_hand, 1) == 1  # the second is still the broker's
 
 
 async def _done(tasks: list[asyncio.Task[None]]) -> bool:
