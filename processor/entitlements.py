@@ -18,7 +18,7 @@ from psycopg import AsyncConnection
 from processor.catalog import Catalog
 from processor.outbox import emit, new_id
 from processor.statements import send
-from shared.domain_events import EntitlementGranted, EntitlementRevoked
+from shared.domain_events import DomainEvent, EntitlementGranted, EntitlementRevoked
 
 # Subscription statuses that grant access outright; `past_due` grants until the period end + grace.
 SUBSCRIPTION_GRANTS: Final = frozenset({"active", "trialing"})
@@ -104,6 +104,67 @@ SELECT id, user_id::text, feature, active, expires_at, product, reason FROM enti
 _REVOKE: Final = """
 UPDATE entitlements SET active = false, reason = %s, revoked_at = now(), updated_at = now() WHERE id = %s
 """
+_REVOKE_FEATURE: Final = """
+UPDATE entitlements SET active = false, reason = %s, revoked_at = now(), updated_at = now()
+ WHERE user_id = %s AND feature = %s AND source_id = %s
+"""
+_RELABEL: Final = "UPDATE entitlements SET product = %s, reason = %s, updated_at = now() WHERE id = %s"
+
+
+class SyncPlan(msgspec.Struct, kw_only=True):
+    """What `sync` writes for one source: relabelled and revoked rows, grants, and the outbox events, in
+    the order `sync` emits them."""
+
+    relabels: list[tuple[str | None, str, int]] = []  # (product, reason, row id)
+    revoked: list[tuple[str, int]] = []  # (reason, row id)
+    revoked_features: list[tuple[str, str, str, str]] = []  # (reason, user, feature, source id)
+    grants: list[GrantRow] = []
+    announced: list[DomainEvent] = []
+
+
+def plan_sync(
+    rows: list[tuple[Any, ...]],
+    *,
+    source_type: str,
+    source_id: str,
+    user_id: str | None,
+    grant: Grant,
+    at: datetime,
+) -> SyncPlan:
+    """What makes the entitlement ``rows`` of one source match ``grant`` (pure: `sync` writes it).
+
+    ``rows`` are (id, user id, feature, active, expires at, product, reason) in id order, as `_ROWS`
+    reads them. Rows need a user: while the source is unmapped nothing is granted.
+    """
+    plan = SyncPlan()
+    wanted = set(grant.features) if user_id else set()
+    current = {}
+    for row_id, row_user, feature, active, expires_at, product, reason in rows:
+        if row_user == user_id and feature in wanted:
+            current[feature] = (active, expires_at)
+            if active and grant.active and (product, reason) != (grant.product, grant.reason):
+                # Same access, other label (a plan change keeping this feature, trial -> active): no event.
+                plan.relabels.append((grant.product, grant.reason, row_id))
+        elif active:
+            plan.revoked.append(("product-changed", row_id))
+            plan.announced.append(
+                revoked(row_user, feature, source_type, source_id, grant.product, "product-changed", at)
+            )
+    if user_id is None:
+        return plan
+    for feature in sorted(wanted):
+        active, expires_at = current.get(feature, (False, None))
+        if grant.active and (not active or expires_at != grant.expires_at):
+            plan.grants.append(
+                (user_id, feature, source_type, source_id, grant.product, grant.reason, grant.expires_at)
+            )
+            plan.announced.append(granted(user_id, feature, source_type, source_id, grant, at))
+        elif not grant.active and active:
+            plan.revoked_features.append((grant.reason, user_id, feature, source_id))
+            plan.announced.append(
+                revoked(user_id, feature, source_type, source_id, grant.product, grant.reason, at)
+            )
+    return plan
 
 
 async def sync(
@@ -118,48 +179,28 @@ async def sync(
 ) -> None:
     """Make the entitlement rows of one source match ``grant``; emit an outbox event per real change.
 
-    Rows need a user: while the source is unmapped nothing is granted, and linking the user later
-    (customer mapping) calls this again. ``no_rows``: the caller knows that no entitlement row names
-    this source yet (it was inserted in this transaction, or has never granted anything), so there is
-    nothing to read first.
+    Linking the user later (customer mapping) calls this again. ``no_rows``: the caller knows that no
+    entitlement row names this source yet (it was inserted in this transaction, or has never granted
+    anything), so there is nothing to read first.
     """
     rows = [] if no_rows else await (await conn.execute(_ROWS, (source_type, source_id))).fetchall()
-    wanted = set(grant.features) if user_id else set()
-    current = {}
-    for row_id, row_user, feature, active, expires_at, product, reason in rows:
-        if row_user == user_id and feature in wanted:
-            current[feature] = (active, expires_at)
-            if active and grant.active and (product, reason) != (grant.product, grant.reason):
-                # Same access, other label (a plan change keeping this feature, trial -> active): no event.
-                await send(
-                    conn,
-                    "UPDATE entitlements SET product = %s, reason = %s, updated_at = now() WHERE id = %s",
-                    (grant.product, grant.reason, row_id),
-                )
-        elif active:
-            await send(conn, _REVOKE, ("product-changed", row_id))
-            await _revoked(
-                conn, row_user, feature, source_type, source_id, grant.product, "product-changed", at
-            )
-    if user_id is None:
-        return
-    grants: list[GrantRow] = []  # written together after the loop: one statement for all features
-    for feature in sorted(wanted):
-        active, expires_at = current.get(feature, (False, None))
-        if grant.active and (not active or expires_at != grant.expires_at):
-            grants.append(
-                (user_id, feature, source_type, source_id, grant.product, grant.reason, grant.expires_at)
-            )
-            await emit(conn, granted(user_id, feature, source_type, source_id, grant, at))
-        elif not grant.active and active:
-            await send(
-                conn,
-                "UPDATE entitlements SET active = false, reason = %s, revoked_at = now(), updated_at = now()"
-                " WHERE user_id = %s AND feature = %s AND source_id = %s",
-                (grant.reason, user_id, feature, source_id),
-            )
-            await _revoked(conn, user_id, feature, source_type, source_id, grant.product, grant.reason, at)
-    await grant_many(conn, grants)
+    plan = plan_sync(rows, source_type=source_type, source_id=source_id, user_id=user_id, grant=grant, at=at)
+    await write_plans(conn, [plan])
+
+
+async def write_plans(conn: AsyncConnection[Any], plans: list[SyncPlan]) -> None:
+    """Write what `plan_sync` planned, for one source or many; the grants in one statement."""
+    for plan in plans:
+        for relabel in plan.relabels:
+            await send(conn, _RELABEL, relabel)
+        for revoke in plan.revoked:
+            await send(conn, _REVOKE, revoke)
+        for feature in plan.revoked_features:
+            await send(conn, _REVOKE_FEATURE, feature)
+    await grant_many(conn, [grant for plan in plans for grant in plan.grants])
+    for plan in plans:
+        for event in plan.announced:
+            await emit(conn, event)
 
 
 def granted(
@@ -206,8 +247,7 @@ async def grant_many(conn: AsyncConnection[Any], rows: list[GrantRow]) -> None:
         await send(conn, _GRANT_MANY, [list(column) for column in zip(*last.values(), strict=True)])
 
 
-async def _revoked(
-    conn: AsyncConnection[Any],
+def revoked(
     user_id: str,
     feature: str,
     source_type: str,
@@ -215,17 +255,14 @@ async def _revoked(
     product: str | None,
     reason: str,
     at: datetime,
-) -> None:
-    await emit(
-        conn,
-        EntitlementRevoked(
-            id=new_id(),
-            occurred_at=at,
-            user_id=user_id,
-            feature=feature,
-            source_type=source_type,
-            source_id=source_id,
-            product=product,
-            reason=reason,
-        ),
+) -> EntitlementRevoked:
+    return EntitlementRevoked(
+        id=new_id(),
+        occurred_at=at,
+        user_id=user_id,
+        feature=feature,
+        source_type=source_type,
+        source_id=source_id,
+        product=product,
+        reason=reason,
     )

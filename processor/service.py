@@ -200,10 +200,12 @@ async def serve(settings: Settings, event_handlers: dict[str, Handler] | None = 
         if events.acks is not None:
             log.info("events acked: %d messages in %d ack frames", events.acks.acked, events.acks.frames)
         log.info(
-            "event batches: %d, %d applied again in order; %d PaymentIntent chains applied as sets",
+            "event batches: %d, %d applied again in order; %d PaymentIntent chains applied as sets;"
+            " %d subscription events applied as sets",
             batcher.batches,
             batcher.entangled,
             batcher.intent_chains,
+            batcher.subscription_chains,
         )
         consuming.cancel()
         answering.cancel()

@@ -80,34 +80,38 @@ def _ts(value: int | None) -> datetime | None:
     return datetime.fromtimestamp(value, UTC) if value is not None else None
 
 
-async def on_subscription(conn: AsyncConnection[Any], event: Event, ctx: Context) -> Applied:
+def subscription_update(event: Event, ctx: Context, user_id: str | None) -> subscriptions.SubscriptionUpdate:
+    """What a customer.subscription.* event says of its subscription (``user_id`` resolved by the caller)."""
     sub = event.object(Subscription)
-    customer = customer_id(event.data.object)
-    await lock_customer(conn, customer)
-    user_id = await resolve_user(conn, event.data.object)
     price_id = next((item.price.id for item in sub.items.data if item.price is not None), None)
     start, end = period(sub, event.api_version)
-    at = datetime.fromtimestamp(event.created, UTC)
+    return subscriptions.SubscriptionUpdate(
+        id=sub.id,
+        status=sub.status,
+        created=event.created,
+        user_id=user_id,
+        stripe_customer_id=customer_id(event.data.object),
+        price_id=price_id,
+        product=product_key(ctx.catalog, sub.metadata, price_id),
+        current_period_start=_ts(start),
+        current_period_end=_ts(end),
+        cancel_at_period_end=sub.cancel_at_period_end,
+        canceled_at=_ts(sub.canceled_at),
+        ended_at=_ts(sub.ended_at),
+        trial_end=_ts(sub.trial_end),
+        metadata=sub.metadata,
+    )
+
+
+async def on_subscription(conn: AsyncConnection[Any], event: Event, ctx: Context) -> Applied:
+    update = subscription_update(event, ctx, None)  # the payload is checked before anything is locked
+    await lock_customer(conn, update.stripe_customer_id)
+    user_id = await resolve_user(conn, event.data.object)
     changed, row_user = await subscriptions.apply(
         conn,
-        subscriptions.SubscriptionUpdate(
-            id=sub.id,
-            status=sub.status,
-            created=event.created,
-            user_id=user_id,
-            stripe_customer_id=customer,
-            price_id=price_id,
-            product=product_key(ctx.catalog, sub.metadata, price_id),
-            current_period_start=_ts(start),
-            current_period_end=_ts(end),
-            cancel_at_period_end=sub.cancel_at_period_end,
-            canceled_at=_ts(sub.canceled_at),
-            ended_at=_ts(sub.ended_at),
-            trial_end=_ts(sub.trial_end),
-            metadata=sub.metadata,
-        ),
+        msgspec.structs.replace(update, user_id=user_id),
         ctx,
-        at,
+        datetime.fromtimestamp(event.created, UTC),
     )
     return Applied("applied" if changed else "stale", row_user or user_id)
 

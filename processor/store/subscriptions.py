@@ -81,6 +81,93 @@ _FIELDS: Final = (
 )
 
 
+def new_row(upd: SubscriptionUpdate) -> dict[str, Any]:
+    """The row ``upd`` makes when the subscription has none yet (metadata as a dict)."""
+    return {
+        **{field: getattr(upd, field) for field in _FIELDS},
+        "id": upd.id,
+        "user_id": upd.user_id,
+        "stripe_customer_id": upd.stripe_customer_id,
+        "metadata": upd.metadata,
+        "status_event_created": upd.created,
+        "status_rank": key_of(upd.status, upd.created, STATUS_RANK, TERMINAL).rank,
+    }
+
+
+def changes_to(row: dict[str, Any], upd: SubscriptionUpdate) -> dict[str, Any]:
+    """What ``upd`` changes in an existing row under the guard (metadata as a dict); empty if stale."""
+    changes: dict[str, Any] = {}
+    if row["user_id"] is None and upd.user_id is not None:
+        changes["user_id"] = upd.user_id
+    if row["stripe_customer_id"] is None and upd.stripe_customer_id is not None:
+        changes["stripe_customer_id"] = upd.stripe_customer_id
+    new_key = key_of(upd.status, upd.created, STATUS_RANK, TERMINAL)
+    stored = stored_key(row["status"], row["status_event_created"], row["status_rank"], TERMINAL)
+    if (new_key, _period(upd.current_period_end)) > (stored, _period(row["current_period_end"])):
+        changes.update(
+            {field: getattr(upd, field) for field in _FIELDS},
+            metadata=upd.metadata,
+            status_event_created=upd.created,
+            status_rank=new_key.rank,
+        )
+    return changes
+
+
+def announcement(
+    row: dict[str, Any] | None, after: dict[str, Any], subscription_id: str, at: datetime
+) -> SubscriptionUpdated | None:
+    """`subscription.updated` if what subscribers care about changed (or the row is new)."""
+    if row is not None and all(row[f] == after[f] for f in _ANNOUNCED):
+        return None
+    return SubscriptionUpdated(
+        id=new_id(),
+        occurred_at=at,
+        user_id=user_of(after),
+        subscription_id=subscription_id,
+        status=after["status"],
+        previous_status=row["status"] if row else None,
+        price_id=after["price_id"],
+        product=after["product"],
+        current_period_end=after["current_period_end"],
+        cancel_at_period_end=after["cancel_at_period_end"],
+        canceled_at=after["canceled_at"],
+        trial_end=after["trial_end"],
+    )
+
+
+def grant_of(row: dict[str, Any], ctx: Context) -> entitlements.Grant:
+    """What a subscription row grants now."""
+    changed_at = row["updated_at"] if row["status_event_created"] is None else None
+    return entitlements.for_subscription(
+        entitlements.SubscriptionFacts(
+            status=row["status"],
+            product=row["product"],
+            current_period_end=row["current_period_end"],
+            status_changed_at=changed_at or _from_ts(row["status_event_created"]),
+        ),
+        ctx.catalog,
+        ctx.grace,
+    )
+
+
+_INSERT: Final = """
+INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id, product,
+    current_period_start, current_period_end, cancel_at_period_end, canceled_at, ended_at, trial_end,
+    metadata, status_event_created, status_rank)
+VALUES (%(id)s, %(user_id)s, %(stripe_customer_id)s, %(status)s, %(price_id)s, %(product)s,
+    %(current_period_start)s, %(current_period_end)s, %(cancel_at_period_end)s, %(canceled_at)s, %(ended_at)s,
+    %(trial_end)s, %(metadata)s, %(status_event_created)s, %(status_rank)s)
+RETURNING *
+"""
+# Invoices that arrived before their subscription learn its user with it.
+LINK_INVOICES: Final = """
+UPDATE invoices i SET user_id = v.user_id::uuid, updated_at = now()
+  FROM unnest(%s::text[], %s::text[]) AS v(subscription_id, user_id)
+ WHERE i.subscription_id = v.subscription_id AND i.user_id IS NULL
+RETURNING i.subscription_id, i.id
+"""
+
+
 async def apply(
     conn: AsyncConnection[Any], upd: SubscriptionUpdate, ctx: Context, at: datetime
 ) -> tuple[bool, str | None]:
@@ -90,47 +177,15 @@ async def apply(
     row = await (
         await cur.execute("SELECT * FROM subscriptions WHERE id = %s FOR UPDATE", (upd.id,))
     ).fetchone()
-    new_key = key_of(upd.status, upd.created, STATUS_RANK, TERMINAL)
-    values = {field: getattr(upd, field) for field in _FIELDS}
     if row is None:
-        after = await (
-            await cur.execute(
-                """
-                INSERT INTO subscriptions (id, user_id, stripe_customer_id, status, price_id, product,
-                    current_period_start, current_period_end, cancel_at_period_end, canceled_at, ended_at,
-                    trial_end, metadata, status_event_created, status_rank)
-                VALUES (%(id)s, %(user_id)s, %(customer)s, %(status)s, %(price_id)s, %(product)s,
-                    %(current_period_start)s, %(current_period_end)s, %(cancel_at_period_end)s,
-                    %(canceled_at)s, %(ended_at)s, %(trial_end)s, %(metadata)s, %(created)s, %(rank)s)
-                RETURNING *
-                """,
-                {
-                    **values,
-                    "id": upd.id,
-                    "user_id": upd.user_id,
-                    "customer": upd.stripe_customer_id,
-                    "metadata": Jsonb(upd.metadata),
-                    "created": upd.created,
-                    "rank": new_key.rank,
-                },
-            )
-        ).fetchone()
+        values = new_row(upd)
+        after = await (await cur.execute(_INSERT, {**values, "metadata": Jsonb(upd.metadata)})).fetchone()
     else:
-        changes: dict[str, Any] = {}
-        if row["user_id"] is None and upd.user_id is not None:
-            changes["user_id"] = upd.user_id
-        if row["stripe_customer_id"] is None and upd.stripe_customer_id is not None:
-            changes["stripe_customer_id"] = upd.stripe_customer_id
-        stored = stored_key(row["status"], row["status_event_created"], row["status_rank"], TERMINAL)
-        if (new_key, _period(upd.current_period_end)) > (stored, _period(row["current_period_end"])):
-            changes.update(
-                values,
-                metadata=Jsonb(upd.metadata),
-                status_event_created=upd.created,
-                status_rank=new_key.rank,
-            )
+        changes = changes_to(row, upd)
         if not changes:
-            return False, _user(row)
+            return False, user_of(row)
+        if "metadata" in changes:
+            changes["metadata"] = Jsonb(changes["metadata"])
         columns = ", ".join(f"{name} = %({name})s" for name in changes)
         after = await (
             await cur.execute(
@@ -139,39 +194,18 @@ async def apply(
             )
         ).fetchone()
     assert after is not None
-    if row is None or any(row[f] != after[f] for f in _ANNOUNCED):
-        await emit(
-            conn,
-            SubscriptionUpdated(
-                id=new_id(),
-                occurred_at=at,
-                user_id=_user(after),
-                subscription_id=upd.id,
-                status=after["status"],
-                previous_status=row["status"] if row else None,
-                price_id=after["price_id"],
-                product=after["product"],
-                current_period_end=after["current_period_end"],
-                cancel_at_period_end=after["cancel_at_period_end"],
-                canceled_at=after["canceled_at"],
-                trial_end=after["trial_end"],
-            ),
-        )
+    announced = announcement(row, after, upd.id, at)
+    if announced is not None:
+        await emit(conn, announced)
     if after["user_id"] is not None and (row is None or row["user_id"] is None):
         # Invoices that arrived before their subscription learn its user now, without their own key
         # locks: claim them, so that in a shared batch no other chain is working on them (`Claims`).
-        linked = await (
-            await conn.execute(
-                "UPDATE invoices SET user_id = %s, updated_at = now()"
-                " WHERE subscription_id = %s AND user_id IS NULL RETURNING id",
-                (after["user_id"], upd.id),
-            )
-        ).fetchall()
-        claim(f"invoices:{invoice_id}" for (invoice_id,) in linked)
+        linked = await (await conn.execute(LINK_INVOICES, ([upd.id], [str(after["user_id"])]))).fetchall()
+        claim(f"invoices:{invoice_id}" for _, invoice_id in linked)
     # A subscription's entitlement rows are only ever written after its row (here or in `derive`), so a
     # new row has none to read.
     await _sync(conn, after, ctx, at, no_rows=row is None)
-    return True, _user(after)
+    return True, user_of(after)
 
 
 async def derive(conn: AsyncConnection[Any], subscription_id: str, ctx: Context, at: datetime) -> None:
@@ -187,23 +221,12 @@ async def derive(conn: AsyncConnection[Any], subscription_id: str, ctx: Context,
 async def _sync(
     conn: AsyncConnection[Any], row: dict[str, Any], ctx: Context, at: datetime, *, no_rows: bool = False
 ) -> None:
-    changed_at = row["updated_at"] if row["status_event_created"] is None else None
-    grant = entitlements.for_subscription(
-        entitlements.SubscriptionFacts(
-            status=row["status"],
-            product=row["product"],
-            current_period_end=row["current_period_end"],
-            status_changed_at=changed_at or _from_ts(row["status_event_created"]),
-        ),
-        ctx.catalog,
-        ctx.grace,
-    )
     await entitlements.sync(
         conn,
         source_type="subscription",
         source_id=row["id"],
-        user_id=_user(row),
-        grant=grant,
+        user_id=user_of(row),
+        grant=grant_of(row, ctx),
         at=at,
         no_rows=no_rows,
     )
@@ -213,7 +236,7 @@ def _period(value: datetime | None) -> float:
     return value.timestamp() if value is not None else -1.0
 
 
-def _user(row: dict[str, Any]) -> str | None:
+def user_of(row: dict[str, Any]) -> str | None:
     return str(row["user_id"]) if row["user_id"] else None
 
 

@@ -106,11 +106,17 @@ def run_variant(
     log = processor.log_path.read_bytes()[log_start:].decode(errors="replace")  # this run's lines only
     acked = re.findall(r"events acked: (\d+) messages in (\d+) ack frames", log)
     acks = f"acks {int(acked[-1][0]) / max(int(acked[-1][1]), 1):.1f}/frame  " if acked else ""
-    batches = re.findall(r"event batches: (\d+), (\d+) applied again(?: in order; (\d+) PaymentIntent)?", log)
+    batches = re.findall(
+        r"event batches: (\d+), (\d+) applied again(?: in order; (\d+) PaymentIntent)?"
+        r"(?: chains applied as sets; (\d+) subscription)?",
+        log,
+    )
     if batches:
         acks += f"batches {int(batches[-1][0]):,} again {int(batches[-1][1]):,}  "
         if batches[-1][2]:  # older processors (SRC=) do not say
             acks += f"PI sets {int(batches[-1][2]):,}  "
+        if batches[-1][3]:
+            acks += f"subscription sets {int(batches[-1][3]):,}  "
     label = " ".join(f"{k}={v}" for k, v in extra.items()) or "(defaults)"
     return (
         f"{label:<40} {stats['rate']:>8,.0f}/s  cpu {cpu_ms:6.3f} ms/event  "
