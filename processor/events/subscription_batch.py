@@ -217,20 +217,7 @@ async def _write(
 
 def _columns(rows: list[dict[str, Any]]) -> list[list[Any]]:
     """The rows as the arrays of `_COLUMNS`, in its order."""
-    names = (
-        "id",
-        "user_id",
-        "stripe_customer_id",
-        "status",
-        "price_id",
-        "product",
-        "current_period_start",
-        "current_period_end",
-        "cancel_at_period_end",
-        "canceled_at",
-        "ended_at",
-        "trial_end",
-    )
+    names = ("id", "user_id", "stripe_customer_id", *subscriptions.FIELDS)
     columns: list[list[Any]] = [[r[name] for r in rows] for name in names]
     columns.append([msgspec.json.encode(r["metadata"]).decode() for r in rows])
     columns.append([r["status_event_created"] for r in rows])

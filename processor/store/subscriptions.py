@@ -68,7 +68,7 @@ class SubscriptionUpdate(msgspec.Struct, frozen=True, kw_only=True):
     metadata: dict[str, Any]
 
 
-_FIELDS: Final = (
+FIELDS: Final = (
     "status",
     "price_id",
     "product",
@@ -84,7 +84,7 @@ _FIELDS: Final = (
 def new_row(upd: SubscriptionUpdate) -> dict[str, Any]:
     """The row ``upd`` makes when the subscription has none yet (metadata as a dict)."""
     return {
-        **{field: getattr(upd, field) for field in _FIELDS},
+        **{field: getattr(upd, field) for field in FIELDS},
         "id": upd.id,
         "user_id": upd.user_id,
         "stripe_customer_id": upd.stripe_customer_id,
@@ -105,7 +105,7 @@ def changes_to(row: dict[str, Any], upd: SubscriptionUpdate) -> dict[str, Any]:
     stored = stored_key(row["status"], row["status_event_created"], row["status_rank"], TERMINAL)
     if (new_key, _period(upd.current_period_end)) > (stored, _period(row["current_period_end"])):
         changes.update(
-            {field: getattr(upd, field) for field in _FIELDS},
+            {field: getattr(upd, field) for field in FIELDS},
             metadata=upd.metadata,
             status_event_created=upd.created,
             status_rank=new_key.rank,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -132,16 +132,20 @@ async def last_seq(conn: Conn) -> int:
     return int(found[0]["seq"])
 
 
+State = Callable[[Conn, list[str], int], Awaitable[dict[str, Any]]]
+
+
 async def both_ways(
     batcher: EventBatcher,
     conn: Conn,
     twin: str,
     before: list[dict[str, Any]],
     batch: list[dict[str, Any]],
-    intents: list[str],
+    state_of: State,
 ) -> tuple[dict[str, Any], list[str]]:
     """Deliver ``before`` to both databases, then ``batch`` as one batch here and one event at a time on
-    the twin; both must end alike. Returns the twin's state and outcomes."""
+    the twin; both must end alike, as ``state_of(conn, the batch's event ids, outbox seq before)`` reads
+    them. Returns the twin's state and outcomes."""
     event_ids = [e["id"] for e in batch]
     async with await psycopg.AsyncConnection.connect(twin, autocommit=True) as alone:
         for envelope in before:
@@ -153,9 +157,16 @@ async def both_ways(
         assert results == [None] * len(batch)
         assert batcher.batches == batches + (len(batch) > 1)  # one shared transaction, not a fallback
         one_by_one: list[str] = [await deliver(alone, e) for e in batch]
-        expected = await state(alone, intents, event_ids, since_alone)
-        assert await state(conn, intents, event_ids, since_batched) == expected
+        expected = await state_of(alone, event_ids, since_alone)
+        assert await state_of(conn, event_ids, since_batched) == expected
     return expected, one_by_one
+
+
+def of_intents(intents: list[str]) -> State:
+    async def read(conn: Conn, event_ids: list[str], since: int) -> dict[str, Any]:
+        return await state(conn, intents, event_ids, since)
+
+    return read
 
 
 async def test_intent_chains_applied_as_sets_end_as_one_event_at_a_time(
@@ -215,7 +226,7 @@ async def test_intent_chains_applied_as_sets_end_as_one_event_at_a_time(
         pi("O", "payment_intent.succeeded", 1),
     ]
     taken = batcher.intent_chains
-    expected, one_by_one = await both_ways(batcher, conn, twin, before, batch, list(ids.values()))
+    expected, one_by_one = await both_ways(batcher, conn, twin, before, batch, of_intents(list(ids.values())))
     assert batcher.intent_chains - taken == 11  # all but F's, G's, N's and O's chains
 
     # What the per-event path did, so the comparison above compares something.
@@ -319,4 +330,4 @@ async def test_any_intent_batch_ends_as_one_event_at_a_time(
             customer_here = customer if with_customer and (flag or not named) else None
             built[k, n] = intent_event(event_type, intent, step, customer=customer_here, attempt=n, **kw)
     batch = [built[ref] for ref in journey["order"]]
-    await both_ways(batcher, conn, twin, before, batch, intents)
+    await both_ways(batcher, conn, twin, before, batch, of_intents(intents))

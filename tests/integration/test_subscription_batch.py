@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import Any
 
-import psycopg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from processor.batching import EventBatcher
 from shared import samples
-from tests.integration.domain_helpers import Conn, deliver, rows, user
-from tests.integration.test_intent_batch import Delivery, batched, last_seq, twin
+from tests.integration.domain_helpers import Conn, rows, user
+from tests.integration.test_intent_batch import State, batched, both_ways, twin
 
 __all__ = ["batched", "twin"]  # the fixtures, shared with the PaymentIntent sets' test
 
@@ -77,31 +75,11 @@ async def state(
     }
 
 
-async def both_ways(
-    batcher: EventBatcher,
-    conn: Conn,
-    twin: str,
-    before: list[dict[str, Any]],
-    batch: list[dict[str, Any]],
-    subs: list[str],
-    invoices: list[str] = [],  # noqa: B006 - read only
-) -> tuple[dict[str, Any], list[str]]:
-    """Deliver ``before`` to both databases, then ``batch`` as one batch here and one event at a time on
-    the twin; both must end alike. Returns the twin's state and outcomes."""
-    event_ids = [e["id"] for e in batch]
-    async with await psycopg.AsyncConnection.connect(twin, autocommit=True) as alone:
-        for envelope in before:
-            await deliver(conn, envelope)
-            await deliver(alone, envelope)
-        since_batched, since_alone = await last_seq(conn), await last_seq(alone)
-        batches = batcher.batches
-        results = await asyncio.gather(*(batcher(Delivery(samples.encode(e))) for e in batch))  # type: ignore[arg-type]
-        assert results == [None] * len(batch)
-        assert batcher.batches == batches + (len(batch) > 1)  # one shared transaction, not a fallback
-        one_by_one: list[str] = [await deliver(alone, e) for e in batch]
-        expected = await state(alone, subs, invoices, event_ids, since_alone)
-        assert await state(conn, subs, invoices, event_ids, since_batched) == expected
-    return expected, one_by_one
+def of_subscriptions(subs: list[str], invoices: list[str]) -> State:
+    async def read(conn: Conn, event_ids: list[str], since: int) -> dict[str, Any]:
+        return await state(conn, subs, invoices, event_ids, since)
+
+    return read
 
 
 async def test_subscription_events_applied_as_a_set_end_as_one_event_at_a_time(
@@ -153,9 +131,8 @@ async def test_subscription_events_applied_as_a_set_end_as_one_event_at_a_time(
         sub("L", 1, user_id=None, customer=customer_l, price=UNKNOWN_PRICE),  # learns its user, no product
     ]
     taken = batcher.subscription_chains
-    expected, one_by_one = await both_ways(
-        batcher, conn, twin, before, batch, list(ids.values()), [invoice_g]
-    )
+    read = of_subscriptions(list(ids.values()), [invoice_g])
+    expected, one_by_one = await both_ways(batcher, conn, twin, before, batch, read)
     assert batcher.subscription_chains - taken == 11  # all but J's chain (two events)
 
     # What the per-event path did, so the comparison above compares something.
@@ -251,4 +228,4 @@ async def test_any_subscription_batch_ends_as_one_event_at_a_time(
                 period=period,
             )
     batch = [built[ref] for ref in history["order"]]
-    await both_ways(batcher, conn, twin, before, batch, subs, invoices)
+    await both_ways(batcher, conn, twin, before, batch, of_subscriptions(subs, invoices))
