@@ -201,11 +201,12 @@ async def serve(settings: Settings, event_handlers: dict[str, Handler] | None = 
             log.info("events acked: %d messages in %d ack frames", events.acks.acked, events.acks.frames)
         log.info(
             "event batches: %d, %d applied again in order; %d PaymentIntent chains applied as sets;"
-            " %d subscription events applied as sets",
+            " %d subscription events applied as sets; %d invoice events applied as sets",
             batcher.batches,
             batcher.entangled,
             batcher.intent_chains,
             batcher.subscription_chains,
+            batcher.invoice_chains,
         )
         consuming.cancel()
         answering.cancel()

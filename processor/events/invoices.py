@@ -12,6 +12,7 @@ invoice can still be paid or voided).
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -92,19 +93,11 @@ def _ts(value: int | None) -> datetime | None:
     return datetime.fromtimestamp(value, UTC) if value is not None else None
 
 
-async def on_invoice(conn: AsyncConnection[Any], event: Event, ctx: Context) -> Applied:
+def invoice_snapshot(event: Event, ctx: Context, user_id: str | None) -> objects.Snapshot:
+    """What an invoice.* event says of its invoice (``user_id`` resolved by the caller)."""
     invoice = event.object(Invoice)
-    customer = customer_id(event.data.object)
-    await lock_customer(conn, customer)
-    subscription = subscription_of(invoice)
-    user_id = await resolve_user(conn, event.data.object)
-    if user_id is None and subscription:
-        row = await (
-            await conn.execute("SELECT user_id::text FROM subscriptions WHERE id = %s", (subscription,))
-        ).fetchone()
-        user_id = row[0] if row else None
     start, end = service_period(invoice)
-    snapshot = objects.Snapshot(
+    return objects.Snapshot(
         object_id=invoice.id,
         status=invoice.status or "draft",
         created=event.created,
@@ -122,13 +115,29 @@ async def on_invoice(conn: AsyncConnection[Any], event: Event, ctx: Context) -> 
             "paid_at": _ts(invoice.status_transitions.paid_at),
         },
         learned={
-            "subscription_id": subscription,
+            "subscription_id": subscription_of(invoice),
             "user_id": user_id,
-            "stripe_customer_id": customer,
+            "stripe_customer_id": customer_id(event.data.object),
             "stripe_payment_intent_id": ref(invoice.payment_intent),
         },
     )
-    changed, _, after = await objects.upsert(conn, "invoices", snapshot)
+
+
+def with_user(snapshot: objects.Snapshot, user_id: str | None) -> objects.Snapshot:
+    return dataclasses.replace(snapshot, learned={**snapshot.learned, "user_id": user_id})
+
+
+async def on_invoice(conn: AsyncConnection[Any], event: Event, ctx: Context) -> Applied:
+    snapshot = invoice_snapshot(event, ctx, None)  # the payload is checked before anything is locked
+    await lock_customer(conn, snapshot.learned["stripe_customer_id"])
+    subscription = snapshot.learned["subscription_id"]
+    user_id = await resolve_user(conn, event.data.object)
+    if user_id is None and subscription:
+        row = await (
+            await conn.execute("SELECT user_id::text FROM subscriptions WHERE id = %s", (subscription,))
+        ).fetchone()
+        user_id = row[0] if row else None
+    changed, _, after = await objects.upsert(conn, "invoices", with_user(snapshot, user_id))
     user = str(after["user_id"]) if after["user_id"] else None
     return Applied("applied" if changed else "stale", user)
 
