@@ -34,7 +34,7 @@ from processor.events.payments import event_time, intent_update, on_payment_inte
 from processor.outbox import emit
 from processor.statements import send
 from processor.store import payment_effects
-from processor.store.locks import Claims, lock_keys
+from processor.store.locks import Claims, lock_chains
 from processor.store.objects import Snapshot, decide
 from processor.store.payments import PaymentUpdate, changes_to, new_row
 from shared.domain_events import DomainEvent
@@ -162,20 +162,19 @@ async def apply_chains(
                 snapshots[i] = charge_snapshot(events[i])
             else:
                 updates[i] = intent_update(events[i])
-    customers: dict[str, None] = {}
-    objects: list[str] = []
-    for chain in candidates:
-        named = sorted({c for i in chain.indexes if i in updates and (c := updates[i].stripe_customer_id)})
-        own = [f"pi:{chain.intent}"] + [
-            f"charges:{snapshots[i].object_id}" for i in chain.indexes if i in snapshots
-        ]
-        claims.claim(chain.number, [f"cus:{c}" for c in named], exclusive=False)
-        claims.claim(chain.number, own)
-        customers.update(dict.fromkeys(named))
-        objects.extend(own)
-    # Customers first, then the objects: the order of `processor.store.locks`.
-    await lock_keys(conn, sorted(f"cus:{c}" for c in customers), exclusive=False)
-    await lock_keys(conn, sorted(set(objects)))
+    await lock_chains(
+        conn,
+        claims,
+        [
+            (
+                chain.number,
+                sorted({c for i in chain.indexes if i in updates and (c := updates[i].stripe_customer_id)}),
+                [f"pi:{chain.intent}"]
+                + [f"charges:{snapshots[i].object_id}" for i in chain.indexes if i in snapshots],
+            )
+            for chain in candidates
+        ],
+    )
     intents = sorted(chain.intent for chain in candidates)
     named_charges = sorted({snapshot.object_id for snapshot in snapshots.values()})
     keys = {"pi": intents, "ch": named_charges}

@@ -20,7 +20,7 @@ from processor.context import Context
 from processor.events import Applied, Event, Handler
 from processor.events.invoices import invoice_snapshot, on_invoice, with_user
 from processor.statements import send
-from processor.store.locks import Claims, lock_keys
+from processor.store.locks import Claims, lock_chains
 from processor.store.objects import Snapshot, decide
 from processor.users import user_from_object
 
@@ -105,15 +105,19 @@ async def apply_chains(
             candidates.append(_Chain(number, new[0], invoice_snapshot(events[new[0]], ctx, None)))
     if not candidates:
         return set(), {}
-    customers = sorted({c for chain in candidates if (c := chain.snapshot.learned["stripe_customer_id"])})
-    for chain in candidates:
-        if customer := chain.snapshot.learned["stripe_customer_id"]:
-            claims.claim(chain.number, [f"cus:{customer}"], exclusive=False)
-        claims.claim(chain.number, [f"invoices:{chain.snapshot.object_id}"])
-    # Customers first, then the objects: the order of `processor.store.locks`.
-    await lock_keys(conn, [f"cus:{c}" for c in customers], exclusive=False)
+    await lock_chains(
+        conn,
+        claims,
+        [
+            (
+                c.number,
+                [cus] if (cus := c.snapshot.learned["stripe_customer_id"]) else [],
+                [f"invoices:{c.snapshot.object_id}"],
+            )
+            for c in candidates
+        ],
+    )
     ids = sorted({chain.snapshot.object_id for chain in candidates})
-    await lock_keys(conn, [f"invoices:{i}" for i in ids])
     named = {chain.number: user_from_object(events[chain.index].data.object) for chain in candidates}
     unnamed = sorted(
         {

@@ -30,7 +30,7 @@ from processor.events.subscriptions import on_subscription, subscription_update
 from processor.outbox import emit
 from processor.statements import send
 from processor.store import subscriptions
-from processor.store.locks import Claims, lock_keys
+from processor.store.locks import Claims, lock_chains
 from processor.users import user_from_object
 
 _ROWS: Final = "SELECT * FROM subscriptions WHERE id = ANY(%s) FOR UPDATE"
@@ -107,15 +107,15 @@ async def apply_chains(
             candidates.append(_Chain(number, index, subscription_update(events[index], ctx, None)))
     if not candidates:
         return set(), {}
-    customers = sorted({c.update.stripe_customer_id for c in candidates if c.update.stripe_customer_id})
-    for chain in candidates:
-        if chain.update.stripe_customer_id:
-            claims.claim(chain.number, [f"cus:{chain.update.stripe_customer_id}"], exclusive=False)
-        claims.claim(chain.number, [f"sub:{chain.update.id}"])
-    # Customers first, then the objects: the order of `processor.store.locks`.
-    await lock_keys(conn, [f"cus:{c}" for c in customers], exclusive=False)
+    await lock_chains(
+        conn,
+        claims,
+        [
+            (c.number, [cus] if (cus := c.update.stripe_customer_id) else [], [f"sub:{c.update.id}"])
+            for c in candidates
+        ],
+    )
     ids = sorted({chain.update.id for chain in candidates})
-    await lock_keys(conn, [f"sub:{i}" for i in ids])
     named = {chain.number: user_from_object(events[chain.index].data.object) for chain in candidates}
     unnamed = sorted(
         {

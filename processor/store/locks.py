@@ -100,3 +100,20 @@ async def lock_keys(conn: AsyncConnection[Any], keys: list[str], *, exclusive: b
     """Locks on many keys in one statement, in the order given; claiming them is the caller's part."""
     if keys:
         await send(conn, _MANY if exclusive else _MANY_SHARED, (keys,))
+
+
+async def lock_chains(
+    conn: AsyncConnection[Any], claims: Claims, wanted: list[tuple[int, list[str], list[str]]]
+) -> None:
+    """For a batch's set-applied chains, each (chain number, its customers, its object keys): claim the
+    customers shared and the objects for their chain, then lock every customer (shared) and every object,
+    each kind sorted and in one statement: customers first, then objects, as everywhere in this module."""
+    customers: set[str] = set()
+    objects: set[str] = set()
+    for number, named, own in wanted:
+        claims.claim(number, [f"cus:{c}" for c in named], exclusive=False)
+        claims.claim(number, own)
+        customers.update(named)
+        objects.update(own)
+    await lock_keys(conn, sorted(f"cus:{c}" for c in customers), exclusive=False)
+    await lock_keys(conn, sorted(objects))

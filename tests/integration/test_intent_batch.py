@@ -247,6 +247,24 @@ async def test_intent_chains_applied_as_sets_end_as_one_event_at_a_time(
     assert ids["F"] not in expected["outbox"]  # learning a customer announces nothing
 
 
+# The random batches of the set paths' tests: `PAYBUS_PROPERTY_EXAMPLES` / 4 of them.
+TWIN_EXAMPLES = settings(
+    max_examples=int(os.environ.get("PAYBUS_PROPERTY_EXAMPLES", "200")) // 4,
+    deadline=None,
+    database=None,
+    derandomize=not os.environ.get("PAYBUS_PROPERTY_EXPLORE"),
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+def delivery_order(draw: st.DrawFn, plans: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """Every planned event, as (plan, event) references, in a drawn order, a few of them twice."""
+    refs = [(k, n) for k, plan in enumerate(plans) for n in range(len(plan["events"]))]
+    order = draw(st.permutations(refs))
+    again = draw(st.lists(st.sampled_from(order), max_size=2))
+    return [*order, *again]
+
+
 @st.composite
 def journeys(draw: st.DrawFn) -> dict[str, Any]:
     """A few PaymentIntents, each with a state before the batch, a user by some route, and 1-4 events of
@@ -276,19 +294,10 @@ def journeys(draw: st.DrawFn) -> dict[str, Any]:
                 ),
             }
         )
-    refs = [(k, n) for k, plan in enumerate(plans) for n in range(len(plan["events"]))]
-    order = draw(st.permutations(refs))
-    again = draw(st.lists(st.sampled_from(order), max_size=2))
-    return {"plans": plans, "order": [*order, *again]}
+    return {"plans": plans, "order": delivery_order(draw, plans)}
 
 
-@settings(
-    max_examples=int(os.environ.get("PAYBUS_PROPERTY_EXAMPLES", "200")) // 4,
-    deadline=None,
-    database=None,
-    derandomize=not os.environ.get("PAYBUS_PROPERTY_EXPLORE"),
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@TWIN_EXAMPLES
 @given(journey=journeys())
 async def test_any_intent_batch_ends_as_one_event_at_a_time(
     batched: tuple[EventBatcher, Conn], twin: str, journey: dict[str, Any]

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from processor.batching import EventBatcher
 from shared import samples
 from tests.integration.domain_helpers import Conn, rows, user
-from tests.integration.test_intent_batch import State, batched, both_ways, twin
+from tests.integration.test_intent_batch import TWIN_EXAMPLES, State, batched, both_ways, delivery_order, twin
 
 __all__ = ["batched", "twin"]  # the fixtures, shared with the PaymentIntent sets' test
 
@@ -178,19 +177,10 @@ def histories(draw: st.DrawFn) -> dict[str, Any]:
                 ),
             }
         )
-    refs = [(k, n) for k, plan in enumerate(plans) for n in range(len(plan["events"]))]
-    order = draw(st.permutations(refs))
-    again = draw(st.lists(st.sampled_from(order), max_size=2))
-    return {"plans": plans, "order": [*order, *again]}
+    return {"plans": plans, "order": delivery_order(draw, plans)}
 
 
-@settings(
-    max_examples=int(os.environ.get("PAYBUS_PROPERTY_EXAMPLES", "200")) // 4,
-    deadline=None,
-    database=None,
-    derandomize=not os.environ.get("PAYBUS_PROPERTY_EXPLORE"),
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@TWIN_EXAMPLES
 @given(history=histories())
 async def test_any_subscription_batch_ends_as_one_event_at_a_time(
     batched: tuple[EventBatcher, Conn], twin: str, history: dict[str, Any]
