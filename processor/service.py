@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 from datetime import timedelta
-from typing import Any
+from typing import Any, Final
 
 import aio_pika
 import psycopg
@@ -89,6 +89,36 @@ async def plan_each_execution(conn: psycopg.AsyncConnection[Any]) -> None:
     grew). Planning each time costs microseconds; parsing is still saved.
     """
     await conn.execute("SET plan_cache_mode = force_custom_plan")
+
+
+_STATISTICS_SETTINGS: Final = "SELECT name, setting FROM pg_settings WHERE name IN ('autovacuum', 'track_counts')"
+
+
+def statistics_warning(settings: dict[str, str]) -> str | None:
+    """What to tell the operator when nothing will keep the tables' statistics (``pg_settings`` values).
+
+    The batch statements find rows by arrays of ids (`= ANY(%s)`). Planned without statistics, an array
+    of 150 ids looks like most of the table, so a batch read all 30,000 `charges` rows to find its 150,
+    and the drain slowed as tables grew (`tests/bench/README.md`, "Statistics"). Autovacuum's ANALYZE
+    keeps the estimates true; with it off, someone must run ANALYZE.
+    """
+    off = sorted(name for name in ("autovacuum", "track_counts") if settings.get(name, "on") != "on")
+    if not off:
+        return None
+    return (
+        f"Postgres has {' and '.join(off)} off: nothing analyzes paybus's tables, and batch lookups "
+        "may read whole tables as they grow; turn it on or run ANALYZE regularly (see deploy/RUNBOOK.md)"
+    )
+
+
+async def warn_without_statistics(database_url: str) -> None:
+    """Log `statistics_warning` once at start (best effort: a database still down is reported elsewhere)."""
+    with contextlib.suppress(psycopg.Error, OSError):
+        async with await psycopg.AsyncConnection.connect(database_url, connect_timeout=5) as conn:
+            rows = await (await conn.execute(_STATISTICS_SETTINGS)).fetchall()
+        warning = statistics_warning({str(name): str(value) for name, value in rows})
+        if warning:
+            log.warning(warning)
 
 
 async def serve(settings: Settings, event_handlers: dict[str, Handler] | None = None) -> None:
@@ -183,6 +213,7 @@ async def serve(settings: Settings, event_handlers: dict[str, Handler] | None = 
             loop_name(asyncio.get_running_loop()),
         )
         heap.settle()
+        background.append(asyncio.create_task(warn_without_statistics(settings.database_url)))
         background.append(asyncio.create_task(_watch_queues(setup, metrics)))
         consuming = asyncio.create_task(events.run())
         answering = asyncio.create_task(requests.consumer.run())
