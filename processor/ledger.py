@@ -15,6 +15,7 @@ from processor.context import Context
 from processor.errors import Reject
 from processor.events import Applied, Event, Handler, decode_event
 from processor.statements import send
+from processor.users import user_from_object
 
 Result = Literal["applied", "ignored", "stale", "duplicate"]
 
@@ -37,14 +38,15 @@ RETURNING id
 """
 _INSERT: Final = (
     """
-INSERT INTO stripe_events (id, type, created, livemode, account, api_version, object_id, payload, received_at)
-VALUES (%s, %s, to_timestamp(%s), %s, %s, %s, %s, %s::jsonb, COALESCE(%s::timestamptz, now()))"""
+INSERT INTO stripe_events (id, type, created, livemode, account, api_version, object_id, payload, user_id,
+                           received_at)
+VALUES (%s, %s, to_timestamp(%s), %s, %s, %s, %s, %s::jsonb, %s::uuid, COALESCE(%s::timestamptz, now()))"""
     + _REOPEN
 )
 _RECORD_FAILED: Final = """
-INSERT INTO stripe_events (id, type, created, livemode, account, api_version, object_id, payload, outcome,
-                           processed_at)
-VALUES (%s, %s, to_timestamp(%s), %s, %s, %s, %s, %s::jsonb, 'failed', now())
+INSERT INTO stripe_events (id, type, created, livemode, account, api_version, object_id, payload, user_id,
+                           outcome, processed_at)
+VALUES (%s, %s, to_timestamp(%s), %s, %s, %s, %s, %s::jsonb, %s::uuid, 'failed', now())
 ON CONFLICT (id) DO UPDATE SET outcome = 'failed', processed_at = now()
  WHERE stripe_events.outcome IS NULL OR stripe_events.outcome = 'failed'
 """
@@ -124,6 +126,8 @@ async def apply_event(
 
 
 def _ledger_row(body: bytes, event: Event) -> tuple[Any, ...]:
+    """The ledger columns known on arrival; the user is the one the object names, if any (the handler's
+    may differ or come later, and `finish_many` writes it then)."""
     return (
         event.id,
         event.type,
@@ -133,17 +137,19 @@ def _ledger_row(body: bytes, event: Event) -> tuple[Any, ...]:
         event.api_version,
         event.object_id,
         body.decode("utf-8"),
+        user_from_object(event.data.object),
     )
 
 
 _INSERT_MANY: Final = (
     """
-INSERT INTO stripe_events (id, type, created, livemode, account, api_version, object_id, payload, received_at)
+INSERT INTO stripe_events (id, type, created, livemode, account, api_version, object_id, payload, user_id,
+                           received_at)
 SELECT v.id, v.type, to_timestamp(v.created), v.livemode, v.account, v.api_version, v.object_id,
-       v.payload::jsonb, COALESCE(v.received_at::timestamptz, now())
+       v.payload::jsonb, v.user_id::uuid, COALESCE(v.received_at::timestamptz, now())
   FROM unnest(%b::text[], %b::text[], %b::int8[], %b::bool[], %b::text[], %b::text[], %b::text[], %b::text[],
-              %b::text[])
-       AS v(id, type, created, livemode, account, api_version, object_id, payload, received_at)"""
+              %b::text[], %b::text[])
+       AS v(id, type, created, livemode, account, api_version, object_id, payload, user_id, received_at)"""
     + _REOPEN
 )
 

@@ -73,8 +73,25 @@ def test_payloads_are_compressed_with_lz4_where_the_server_has_it_and_back_on_ro
         db.migrate(url)
         want = "l" if _lz4_available(url) else ""  # "" is the server's default (pglz)
         assert _payload_compression(url) == {"stripe_events": want, "outbox": want}
-        assert db.rollback(url, count=1) == ["0006.payload-lz4"]
+        assert db.rollback(url, count=2) == ["0007.ledger-hot-finish", "0006.payload-lz4"]
         assert _payload_compression(url) == {"stripe_events": "", "outbox": ""}
+    finally:
+        db.drop_database(url)
+
+
+def _ledger_options(url: str) -> list[str]:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT reloptions FROM pg_class WHERE oid = 'stripe_events'::regclass").fetchone()
+    return list(row[0] or []) if row else []
+
+
+def test_ledger_pages_keep_room_for_the_finishing_update_and_not_after_rollback() -> None:
+    url = database_url(unique("paybus_mig"))
+    try:
+        db.migrate(url)
+        assert _ledger_options(url) == ["fillfactor=50"]
+        assert db.rollback(url, count=1) == ["0007.ledger-hot-finish"]
+        assert _ledger_options(url) == []
     finally:
         db.drop_database(url)
 
