@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from psycopg import AsyncConnection
+
+
+# A UUID already in canonical form (lowercase, hyphenated), as paybus writes them: taken as it is.
+_CANONICAL: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def as_uuid(value: object) -> str | None:
     """A canonical UUID string, or None for anything that is not one (never an error)."""
     if not isinstance(value, str):
         return None
+    if _CANONICAL.fullmatch(value):  # every event's user is read twice: on arrival and by its handler
+        return value
     try:
         return str(uuid.UUID(value))
     except ValueError:
