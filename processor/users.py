@@ -9,7 +9,6 @@ from typing import Any, Final
 
 from psycopg import AsyncConnection
 
-
 # A UUID already in canonical form (lowercase, hyphenated), as paybus writes them: taken as it is.
 _CANONICAL: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 

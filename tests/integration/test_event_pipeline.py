@@ -136,10 +136,15 @@ async def test_the_ledger_row_names_its_user_on_arrival_and_the_finishing_update
 ) -> None:
     """An event that names its user is recorded with it, so the outcome's UPDATE leaves every indexed
     column as it was and, with the room `0007.ledger-hot-finish` leaves on each page, is a HOT update."""
-    bodies = [_intent_event("payment_intent.succeeded", samples.new_id("pi"), 1_700_000_000) for _ in range(20)]
+    bodies = [
+        _intent_event("payment_intent.succeeded", samples.new_id("pi"), 1_700_000_000) for _ in range(20)
+    ]
     events = [parse_event(body) for body in bodies]
     async with conn.transaction(force_rollback=True):
-        assert await record_many(conn, [(body, event, None) for body, event in zip(bodies, events)]) == [True] * 20
+        assert (
+            await record_many(conn, [(body, event, None) for body, event in zip(bodies, events, strict=True)])
+            == [True] * 20
+        )
         rows = await (
             await conn.execute(
                 "SELECT id, user_id::text FROM stripe_events WHERE id = ANY(%s)", ([e.id for e in events],)
@@ -149,7 +154,8 @@ async def test_the_ledger_row_names_its_user_on_arrival_and_the_finishing_update
         await finish_many(conn, [(e.id, "applied", e.data.object["metadata"]["user_id"]) for e in events])
         stats = await (
             await conn.execute(
-                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables WHERE relname = 'stripe_events'"
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables"
+                " WHERE relname = 'stripe_events'"
             )
         ).fetchone()
         assert stats == (20, 20), stats
