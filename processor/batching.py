@@ -13,8 +13,8 @@ their statements share round trips. If two chains reach the same object all the 
 names only its charge), the batch stops and runs again with every event in order (`Entangled`).
 Before the chains run, those made only of one PaymentIntent's events and its charges' events are
 applied as sets (`processor.events.intent_batch`): a few statements for all of them instead of ~4 per
-event; so are those whose one new event is a subscription's (`processor.events.subscription_batch`) or an
-invoice's (`processor.events.invoice_batch`).
+event; so are those whose one new event is a subscription's (`processor.events.subscription_batch`), an
+invoice's (`processor.events.invoice_batch`) or a customer's (`processor.events.customer_batch`).
 
 A batch commits as a whole; if any message in it fails (poison, bad payload, lock conflict, bug), the
 batch rolls back and every message is processed alone in its own transaction, where the failure
@@ -35,7 +35,7 @@ from opentelemetry.trace import Link, SpanKind
 from processor import outbox
 from processor.chains import split
 from processor.consumer import DB_DOWN_ERRORS
-from processor.events import Event, intent_batch, invoice_batch, subscription_batch
+from processor.events import Event, customer_batch, intent_batch, invoice_batch, subscription_batch
 from processor.ledger import Result, apply_event, finish_many, parse_event, record_many, transaction
 from processor.pipeline import EventPipeline, received_at_of
 from processor.schema import unknown_schema
@@ -71,6 +71,7 @@ class EventBatcher:
         self.intent_chains = 0  # PaymentIntent chains applied as sets (`processor.events.intent_batch`)
         self.subscription_chains = 0  # subscription events applied as sets (`...subscription_batch`)
         self.invoice_chains = 0  # invoice events applied as sets (`processor.events.invoice_batch`)
+        self.customer_chains = 0  # customer events applied as sets (`processor.events.customer_batch`)
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
         token = context.attach(extract(message.headers))
@@ -202,6 +203,12 @@ class EventBatcher:
                 self.invoice_chains += len(invoice_taken)
                 taken |= invoice_taken
                 applied.update(invoice_applied)
+                customer_taken, customer_applied = await customer_batch.apply_chains(
+                    conn, events, recorded, chains, pipeline.handlers, pipeline.ctx, claims, taken
+                )
+                self.customer_chains += len(customer_taken)
+                taken |= customer_taken
+                applied.update(customer_applied)
                 for i, result in applied.items():
                     finished.append((items[i][1].id, result.outcome, result.user_id))
                     by_index[i] = result.outcome

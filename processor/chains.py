@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from processor.events import Event
+from processor.events import Event, Handler
 
 # The prefixes of Stripe ids whose rows paybus keeps or derives from: payments, sessions, charges,
 # refunds, disputes, invoices, subscriptions, customers. Prices, products and accounts are left out:
@@ -69,3 +69,18 @@ def split(events: list[Event]) -> list[list[int]]:
     for index in range(len(events)):
         chains.setdefault(root(index), []).append(index)
     return list(chains.values())
+
+
+def one_new_event(
+    indexes: list[int],
+    events: list[Event],
+    recorded: list[bool],
+    handlers: dict[str, Handler],
+    handler: Handler,
+) -> int | None:
+    """The one new event of a chain whose events all go to ``handler``, if it has exactly one (the chains
+    a set path takes: `processor.events.subscription_batch`, `invoice_batch`, `customer_batch`)."""
+    if not all(handlers.get(events[i].type) is handler for i in indexes):
+        return None
+    new = [i for i in indexes if recorded[i]]
+    return new[0] if len(new) == 1 else None

@@ -91,7 +91,9 @@ async def plan_each_execution(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.execute("SET plan_cache_mode = force_custom_plan")
 
 
-_STATISTICS_SETTINGS: Final = "SELECT name, setting FROM pg_settings WHERE name IN ('autovacuum', 'track_counts')"
+_STATISTICS_SETTINGS: Final = (
+    "SELECT name, setting FROM pg_settings WHERE name IN ('autovacuum', 'track_counts')"
+)
 
 
 def statistics_warning(settings: dict[str, str]) -> str | None:
@@ -232,12 +234,14 @@ async def serve(settings: Settings, event_handlers: dict[str, Handler] | None = 
             log.info("events acked: %d messages in %d ack frames", events.acks.acked, events.acks.frames)
         log.info(
             "event batches: %d, %d applied again in order; %d PaymentIntent chains applied as sets;"
-            " %d subscription events applied as sets; %d invoice events applied as sets",
+            " %d subscription events applied as sets; %d invoice events applied as sets;"
+            " %d customer events applied as sets",
             batcher.batches,
             batcher.entangled,
             batcher.intent_chains,
             batcher.subscription_chains,
             batcher.invoice_chains,
+            batcher.customer_chains,
         )
         consuming.cancel()
         answering.cancel()

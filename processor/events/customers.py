@@ -9,6 +9,7 @@ invoice of the customer is linked and its entitlements derived. The newer custom
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -84,21 +85,35 @@ async def link_orphans(
     conn: AsyncConnection[Any], customer: str, user_id: str, ctx: Context, at: datetime
 ) -> bool:
     linked = await (await conn.execute(_LINK, {"customer": customer, "user": user_id})).fetchall()
+    await follow_links(conn, linked, ctx, at, claim)
+    return bool(linked)
+
+
+Linked = tuple[str, str, str | None, str | None]  # kind, row id, PaymentIntent, Checkout Session
+
+
+async def follow_links(
+    conn: AsyncConnection[Any],
+    linked: list[Linked],
+    ctx: Context,
+    at: datetime,
+    claim_keys: Callable[[Iterable[str]], None],
+) -> None:
+    """Derive what the rows that just learned their user now grant (`_LINK`'s rows, of one customer)."""
     payments = [(row_id, intent, session) for kind, row_id, intent, session in linked if kind == "payment"]
     subs = [row_id for kind, row_id, _, _ in linked if kind == "subscription"]
     invoices = [row_id for kind, row_id, _, _ in linked if kind == "invoice"]
     # These rows change without their key locks (the customer's exclusive lock covers them against
     # other transactions); in a shared transaction no other chain may be working on them.
-    claim(f"pi:{intent}" for _, intent, _ in payments if intent)
-    claim(f"cs:{session}" for _, _, session in payments if session)
-    claim(f"sub:{sub_id}" for sub_id in subs)
-    claim(f"invoices:{invoice_id}" for invoice_id in invoices)
+    claim_keys(f"pi:{intent}" for _, intent, _ in payments if intent)
+    claim_keys(f"cs:{session}" for _, _, session in payments if session)
+    claim_keys(f"sub:{sub_id}" for sub_id in subs)
+    claim_keys(f"invoices:{invoice_id}" for invoice_id in invoices)
     for payment_id, _, _ in payments:
         snapshot = await payment_effects.snapshot(conn, payment_id)
         await payment_effects.settle(conn, payment_id, snapshot, ctx, at)
     for sub_id in subs:
         await subscriptions.derive(conn, sub_id, ctx, at)
-    return bool(linked)
 
 
 _UPSERT: Final = """

@@ -16,6 +16,7 @@ from typing import Any, Final
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
+from processor.chains import one_new_event
 from processor.context import Context
 from processor.events import Applied, Event, Handler
 from processor.events.invoices import invoice_snapshot, on_invoice, with_user
@@ -97,12 +98,10 @@ async def apply_chains(
     events' results. Chains not taken are left, untouched, to the per-event path."""
     candidates = []
     for number, indexes in enumerate(chains):
-        if number in skip or not all(handlers.get(events[i].type) is on_invoice for i in indexes):
-            continue
-        new = [i for i in indexes if recorded[i]]
-        if len(new) == 1:
+        index = None if number in skip else one_new_event(indexes, events, recorded, handlers, on_invoice)
+        if index is not None:
             # the payload is checked before anything is locked or read, as on the per-event path
-            candidates.append(_Chain(number, new[0], invoice_snapshot(events[new[0]], ctx, None)))
+            candidates.append(_Chain(number, index, invoice_snapshot(events[index], ctx, None)))
     if not candidates:
         return set(), {}
     await lock_chains(

@@ -24,6 +24,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
 from processor import entitlements
+from processor.chains import one_new_event
 from processor.context import Context
 from processor.events import Applied, Event, Handler
 from processor.events.subscriptions import on_subscription, subscription_update
@@ -75,16 +76,6 @@ class _Chain:
     after: dict[str, Any] | None = None  # as the event leaves it (None: stale)
 
 
-def _candidate(
-    number: int, indexes: list[int], events: list[Event], recorded: list[bool], handlers: dict[str, Handler]
-) -> int | None:
-    """The one new event of a chain made only of subscription events, if it has exactly one."""
-    if not all(handlers.get(events[i].type) is on_subscription for i in indexes):
-        return None
-    new = [i for i in indexes if recorded[i]]
-    return new[0] if len(new) == 1 else None
-
-
 async def apply_chains(
     conn: AsyncConnection[Any],
     events: list[Event],
@@ -101,7 +92,7 @@ async def apply_chains(
     for number, indexes in enumerate(chains):
         if number in skip:
             continue
-        index = _candidate(number, indexes, events, recorded, handlers)
+        index = one_new_event(indexes, events, recorded, handlers, on_subscription)
         if index is not None:
             # the payload is checked before anything is locked or read, as on the per-event path
             candidates.append(_Chain(number, index, subscription_update(events[index], ctx, None)))

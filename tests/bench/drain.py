@@ -108,7 +108,8 @@ def run_variant(
     acks = f"acks {int(acked[-1][0]) / max(int(acked[-1][1]), 1):.1f}/frame  " if acked else ""
     batches = re.findall(
         r"event batches: (\d+), (\d+) applied again(?: in order; (\d+) PaymentIntent)?"
-        r"(?: chains applied as sets; (\d+) subscription)?(?: events applied as sets; (\d+) invoice)?",
+        r"(?: chains applied as sets; (\d+) subscription)?(?: events applied as sets; (\d+) invoice)?"
+        r"(?: events applied as sets; (\d+) customer)?",
         log,
     )
     if batches:
@@ -119,6 +120,8 @@ def run_variant(
             acks += f"subscription sets {int(batches[-1][3]):,}  "
         if batches[-1][4]:
             acks += f"invoice sets {int(batches[-1][4]):,}  "
+        if batches[-1][5]:
+            acks += f"customer sets {int(batches[-1][5]):,}  "
     label = " ".join(f"{k}={v}" for k, v in extra.items()) or "(defaults)"
     return (
         f"{label:<40} {stats['rate']:>8,.0f}/s  cpu {cpu_ms:6.3f} ms/event  "
