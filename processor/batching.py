@@ -191,24 +191,18 @@ class EventBatcher:
                     conn, events, recorded, chains, pipeline.handlers, pipeline.ctx, claims
                 )
                 self.intent_chains += len(taken)
-                subscription_taken, subscription_applied = await subscription_batch.apply_chains(
-                    conn, events, recorded, chains, pipeline.handlers, pipeline.ctx, claims, taken
-                )
-                self.subscription_chains += len(subscription_taken)
-                taken |= subscription_taken
-                applied.update(subscription_applied)
-                invoice_taken, invoice_applied = await invoice_batch.apply_chains(
-                    conn, events, recorded, chains, pipeline.handlers, pipeline.ctx, claims, taken
-                )
-                self.invoice_chains += len(invoice_taken)
-                taken |= invoice_taken
-                applied.update(invoice_applied)
-                customer_taken, customer_applied = await customer_batch.apply_chains(
-                    conn, events, recorded, chains, pipeline.handlers, pipeline.ctx, claims, taken
-                )
-                self.customer_chains += len(customer_taken)
-                taken |= customer_taken
-                applied.update(customer_applied)
+                # the single-event set paths, each leaving alone the chains an earlier one took
+                counts = [0, 0, 0]
+                for n, path in enumerate((subscription_batch, invoice_batch, customer_batch)):
+                    more, results = await path.apply_chains(
+                        conn, events, recorded, chains, pipeline.handlers, pipeline.ctx, claims, taken
+                    )
+                    counts[n] = len(more)
+                    taken |= more
+                    applied.update(results)
+                self.subscription_chains += counts[0]
+                self.invoice_chains += counts[1]
+                self.customer_chains += counts[2]
                 for i, result in applied.items():
                     finished.append((items[i][1].id, result.outcome, result.user_id))
                     by_index[i] = result.outcome
